@@ -1,0 +1,69 @@
+"""Who a silo is: its domain, role and data, read from the SuperNode's node-config.
+
+Deployment: ``flower-supernode --node-config 'domain="mnist" role="source"'`` (optional keys:
+``data-dir="/path/to/cache"``, ``threads=2``, ``device="cuda"``).
+Simulation: virtual SuperNodes only have ``partition-id``; partition i is the i-th silo of the
+run's config (``data.domains`` order).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import Context
+
+from fedalign.config import ROLES, ConfigError
+
+
+@dataclass(frozen=True)
+class SiloIdentity:
+    domain: str
+    role: str
+    data_dir: str | None
+    threads: int
+    device: str | None
+
+
+def _run_config(context: Context) -> dict[str, Any]:
+    text = str(context.run_config.get("config-json", "") or "")
+    return json.loads(text) if text else {}
+
+
+def identify(context: Context) -> SiloIdentity:
+    """Read this silo's identity; raise ConfigError (one line) when the node-config is wrong."""
+    node = context.node_config
+    if "domain" in node:
+        domain, role = str(node["domain"]), str(node.get("role", ""))
+    elif "partition-id" in node:
+        cfg = _run_config(context)
+        if not cfg:
+            raise ConfigError("simulation needs the run config; start it with `fedalign simulate`")
+        domains = list(cfg["data"]["domains"])
+        pid = int(node["partition-id"])
+        if pid >= len(domains):
+            raise ConfigError(
+                f"partition-id {pid} has no silo: the run has {len(domains)} domains; "
+                f"set num-supernodes={len(domains)}"
+            )
+        domain = domains[pid]
+        role = "target" if domain == cfg["data"]["target"] else "source"
+    else:
+        raise ConfigError(
+            "this SuperNode's node-config names no domain; start it with "
+            '--node-config \'domain="<domain>" role="source|target"\''
+        )
+    if role not in ROLES:
+        raise ConfigError(
+            f"silo '{domain}': role={role!r} is unknown (known: {', '.join(ROLES)}); "
+            "fix the SuperNode's --node-config"
+        )
+    data_dir = node.get("data-dir")
+    return SiloIdentity(
+        domain=domain,
+        role=role,
+        data_dir=str(data_dir) if data_dir else None,
+        threads=int(node.get("threads", 0)),
+        device=str(node["device"]) if "device" in node else None,
+    )

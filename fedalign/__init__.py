@@ -1,0 +1,1 @@
+"""fedalign: federated domain alignment on Flower (Flower-free core)."""

@@ -1,0 +1,212 @@
+"""The ``fedalign`` command.
+
+    fedalign run [hydra overrides] [-m]     run a federation on this machine (real processes)
+    fedalign simulate [hydra overrides]     the same in Flower's simulation engine
+    fedalign data build [--force]           build/verify the offline Digits-5 cache
+    fedalign data montage [--out PNG]       a picture of every domain
+
+Errors a user can fix print one line (``error: ...``) and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedalign.config import CONF_DIR, ConfigError, compose, validate
+from fedalign.errors import FedalignError
+
+HYDRA_FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--info",
+}
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _overrides(args: list[str]) -> tuple[list[str], bool]:
+    """Split hydra CLI args into plain overrides and whether ``--multirun`` is on."""
+    overrides, multirun, skip = [], False, False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in HYDRA_FLAGS_WITH_VALUE:
+            skip = arg != "--info"
+        elif not arg.startswith("-") and not arg.startswith(("hydra.", "hydra/", "+hydra")):
+            overrides.append(arg)
+    return overrides, multirun
+
+
+def prevalidate(args: list[str]) -> None:
+    """Compose and validate every job the args describe; a bad one fails before any start."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides, multirun = _overrides(args)
+    jobs = [overrides]
+    if multirun:
+        try:
+            parsed = OverridesParser.create().parse_overrides(overrides)
+        except Exception as exc:
+            raise ConfigError(f"config: {str(exc).splitlines()[0]}") from exc
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    for job in jobs:
+        validate(compose(job))
+
+
+def ensure_data(cfg: Any, echo: Any) -> None:
+    """Build (or verify) the cached domains of the embedded benchmark before silos start."""
+    if cfg.data.source != "digits5":
+        return
+    from fedalign.data import build_all
+
+    echo(
+        f"data: Digits-5 domains {list(cfg.data.domains)} (cache: "
+        f"{cfg.data.cache_dir or 'default'})"
+    )
+    build_all(
+        cache_dir=cfg.data.cache_dir, seed=int(cfg.data.seed), domains=tuple(cfg.data.domains)
+    )
+
+
+def print_results(run_dir: Path, console: Any) -> None:
+    from rich.table import Table
+
+    lines = [json.loads(row) for row in (run_dir / "metrics.jsonl").read_text().splitlines() if row]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    target = summary["target"]
+    others = sorted({d for row in lines for d in row["silos"]} - {target})
+    table = Table(title=f"target: {target} (unseen domain)")
+    for col in ["round", f"{target} (target)", *others, "seconds", "MB sent", "MB recv"]:
+        table.add_column(col, justify="right")
+    for line in lines:
+        accs = [line["silos"].get(d, {}).get("test-accuracy") for d in others]
+        table.add_row(
+            str(line["round"]),
+            _pct(line["target_accuracy"]),
+            *(_pct(a) for a in accs),
+            f"{line['wall_seconds']:.1f}",
+            f"{line['bytes_sent'] / 1e6:.2f}",
+            f"{line['bytes_received'] / 1e6:.2f}",
+        )
+    console.print(table)
+    console.print(
+        f"target {target}: final {_pct(summary['final_target_accuracy'])}, "
+        f"best {_pct(summary['best_target_accuracy'])} (round {summary['best_round']}), "
+        f"mean of last 5 {_pct(summary['mean_last5_target_accuracy'])}, "
+        f"untrained {_pct(summary['initial_target_accuracy'])}"
+    )
+    console.print(f"run folder: {run_dir}")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _job(cfg: Any) -> float | None:
+    """One Hydra job: validate, build data, run the federation, print the table."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from server.launcher import launch
+
+    console = _console()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        validate(cfg)
+        ensure_data(cfg, console.print)
+        console.print(
+            f"[bold]fedalign[/bold] {cfg.name}: {cfg.federation.mode}, "
+            f"{len(cfg.data.domains)} silos, {cfg.rounds} rounds -> {run_dir}"
+        )
+        summary = launch(cfg, run_dir, echo=console.print)
+    except FedalignError as exc:
+        fail(str(exc))
+    print_results(run_dir, console)
+    return summary["final_target_accuracy"]
+
+
+def run_hydra(args: list[str]) -> None:
+    import hydra
+
+    try:
+        prevalidate(args)
+    except FedalignError as exc:
+        fail(str(exc), code=2)
+    sys.argv = ["fedalign", *args]
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_job)()
+
+
+def data_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="fedalign data")
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="build or verify the offline Digits-5 cache")
+    montage = sub.add_parser("montage", help="write a PNG montage of every domain")
+    for p in (build, montage):
+        p.add_argument("--cache-dir", default=None, help="cache folder (default: see README)")
+        p.add_argument("--seed", type=int, default=0)
+    build.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
+    montage.add_argument("--out", type=Path, default=Path("outputs/digits5-montage.png"))
+    args = parser.parse_args(argv)
+    from fedalign.data import build_all, write_montage
+
+    if args.action == "build":
+        for domain, path in build_all(args.cache_dir, seed=args.seed, force=args.force).items():
+            print(f"{domain}: {path}")
+    else:
+        print(write_montage(args.out, cache_dir=args.cache_dir, seed=args.seed))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (e.g. CI or make killed) tears the federation down like Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "run":
+            run_hydra(rest)
+        elif command == "simulate":
+            run_hydra(["federation=simulation", *rest])
+        elif command == "data":
+            data_command(rest)
+        else:
+            fail(f"unknown command '{command}' (use run, simulate or data; see fedalign --help)", 2)
+    except FedalignError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        print("interrupted: federation stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

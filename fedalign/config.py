@@ -1,0 +1,148 @@
+"""Hydra configuration: compose, validate, and ship a resolved config to the Flower apps.
+
+How a composed config reaches the apps: the launcher (``fedalign run``) composes
+``conf/config.yaml`` with the user's overrides, validates it, resolves it to JSON and passes
+that JSON to the ServerApp as the single run-config key ``config-json``. The ServerApp sends
+each silo only what it needs (training hyper-parameters, model name) inside its messages.
+Silos read their own identity (domain, role, data folder) from their SuperNode's node-config.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedalign.errors import FedalignError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ROLES = ("source", "target")
+FEDERATION_MODES = ("deployment", "simulation")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class ConfigError(FedalignError, ValueError):
+    """A configuration problem, described in one line that says what to do."""
+
+
+@dataclass(frozen=True)
+class Silo:
+    """One domain silo of a run: a SuperNode holding one domain's data."""
+
+    domain: str
+    role: str
+
+
+def hydra_error_line(exc: BaseException) -> str:
+    """Collapse a multi-line Hydra/OmegaConf error into one actionable line."""
+    text = str(exc).strip()
+    head = text.splitlines()[0] if text else type(exc).__name__
+    group = re.search(r"Available options in '([^']+)':\n((?:\t.*\n?)*)", text)
+    if group:
+        options = ", ".join(o.strip() for o in group.group(2).splitlines() if o.strip())
+        return f"config: {head} (options in '{group.group(1)}': {options})"
+    key = re.match(r"Could not override '([^']+)'", head)
+    if key:
+        name = key.group(1)
+        return f"config: unknown key '{name}' (not in conf/); fix it, or add one with +{name}="
+    return f"config: {head}"
+
+
+def compose(overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides; errors become :class:`ConfigError`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not (conf_dir / "config.yaml").is_file():
+        raise ConfigError(f"config: {conf_dir}/config.yaml not found; run from a fedalign checkout")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    except Exception as exc:  # Hydra raises many exception types; all are config errors here
+        raise ConfigError(hydra_error_line(exc)) from exc
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config: {message}")
+
+
+def _number(cfg: DictConfig, key: str, kind: type = int, minimum: float = 1) -> float:
+    value = OmegaConf.select(cfg, key)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config: {key}={value!r} is not a {kind.__name__}") from None
+    _require(number >= minimum, f"{key} must be >= {minimum} (got {value})")
+    return number
+
+
+def _choice(cfg: DictConfig, key: str, known: tuple[str, ...]) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(value in known, f"{key}={value!r} (known: {', '.join(known)})")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Semantic checks Hydra cannot do; raises :class:`ConfigError` with one line."""
+    from fedalign.models import MODELS
+
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as exc:
+        raise ConfigError(hydra_error_line(exc)) from exc
+    domains = list(cfg.data.domains)
+    _require(len(domains) == len(set(domains)), f"data.domains has duplicates: {domains}")
+    _require(
+        cfg.data.target in domains,
+        f"data.target={cfg.data.target!r} is not one of data.domains={domains}",
+    )
+    _require(len(domains) >= 2, "data.domains needs the target and at least one source domain")
+    for key in ("rounds", "train.local_steps", "train.batch_size", "eval.batch_size"):
+        _number(cfg, key)
+    _number(cfg, "train.lr", float, minimum=1e-12)
+    _number(cfg, "train.weight_decay", float, minimum=0)
+    _number(cfg, "strategy.min_sources")
+    _require(
+        int(cfg.strategy.min_sources) <= len(domains) - 1,
+        f"strategy.min_sources={cfg.strategy.min_sources} but there are only "
+        f"{len(domains) - 1} source silos",
+    )
+    _choice(cfg, "train.optimizer", ("adam", "sgd"))
+    _choice(cfg, "federation.mode", FEDERATION_MODES)
+    _choice(cfg, "wandb.mode", WANDB_MODES)
+    _choice(cfg, "model.name", tuple(sorted(MODELS)))
+    device = str(cfg.device)
+    _require(
+        device in ("auto", "cpu") or device.startswith("cuda"),
+        f"device={device!r} (use auto, cpu, cuda or cuda:N)",
+    )
+
+
+def silos(cfg: DictConfig | dict[str, Any]) -> list[Silo]:
+    """The run's silos: one per domain, the target domain's silo has role ``target``."""
+    data = cfg["data"]
+    return [
+        Silo(domain=d, role="target" if d == data["target"] else "source") for d in data["domains"]
+    ]
+
+
+def to_json(cfg: DictConfig) -> str:
+    """The resolved config as compact JSON (what crosses into the ServerApp)."""
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True), separators=(",", ":"))
+
+
+def from_json(text: str) -> DictConfig:
+    """Inverse of :func:`to_json`."""
+    try:
+        return OmegaConf.create(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config: run-config 'config-json' is not valid JSON ({exc})") from exc

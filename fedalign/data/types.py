@@ -1,0 +1,74 @@
+"""Data containers shared by every data source: one domain's train/test split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedalign.errors import FedalignError
+
+
+class DataError(FedalignError, ValueError):
+    """A data problem, described in one line that says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class DomainSplit:
+    """One domain's images (N, C, H, W) uint8 and labels (N,) int64, split into train/test."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes; labels lie in ``range(num_classes)``."""
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape (C, H, W) of one image."""
+        c, h, w = self.x_train.shape[1:]
+        return int(c), int(h), int(w)
+
+    def validate(self) -> DomainSplit:
+        """Check dtypes, shapes, lengths and label range; raise ``DataError`` on the first fault.
+
+        Returns ``self`` so that a loader can ``return split.validate()``.
+        """
+        where = f"domain '{self.name}'"
+        if not self.classes:
+            raise DataError(f"{where} has no classes; pass the class names to DomainSplit")
+        for part in ("train", "test"):
+            x, y = getattr(self, f"x_{part}"), getattr(self, f"y_{part}")
+            fix = "rebuild the data with `fedalign data build --force`"
+            if x.dtype != np.uint8 or x.ndim != 4:
+                raise DataError(
+                    f"{where}: x_{part} is {x.dtype} with {x.ndim} dims, "
+                    f"expected uint8 (N, C, H, W); {fix}"
+                )
+            if y.dtype != np.int64 or y.ndim != 1:
+                raise DataError(
+                    f"{where}: y_{part} is {y.dtype} with {y.ndim} dims, expected int64 (N,); {fix}"
+                )
+            if len(x) != len(y):
+                raise DataError(
+                    f"{where}: x_{part} has {len(x)} images but y_{part} has {len(y)} labels; {fix}"
+                )
+            if len(y) == 0:
+                raise DataError(f"{where}: the {part} split is empty; {fix}")
+            if y.min() < 0 or y.max() >= self.num_classes:
+                raise DataError(
+                    f"{where}: y_{part} has labels in [{y.min()}, {y.max()}] "
+                    f"outside [0, {self.num_classes - 1}]; {fix}"
+                )
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise DataError(
+                f"{where}: train images are {self.x_train.shape[1:]} but test images "
+                f"are {self.x_test.shape[1:]}; rebuild the data so both match"
+            )
+        return self

@@ -1,0 +1,193 @@
+"""The run folder: resolved config, per-round metrics, summary, plot, and W&B mirror.
+
+Layout of ``<run_dir>``:
+- ``config.yaml``: the resolved config of the run.
+- ``metrics.jsonl``: one JSON line per round r (the global model after r rounds; r = 0 is the
+  initial model): wall seconds, target accuracy, per-silo metrics, bytes sent and received.
+- ``summary.json``: status, final / best / mean-of-last-5 target accuracy, totals.
+- ``accuracy.png``: target and per-silo test accuracy per round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fedalign.run")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunRecorder:
+    """Collects per-round metrics as replies arrive and writes them to the run folder.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run folder (created if missing).
+    config : dict
+        The resolved config (written to ``config.yaml``, sent to W&B).
+    target : str
+        The target domain: its silo's test accuracy is the headline metric.
+    tracker : object, optional
+        Anything with ``log(dict, step=int)`` and ``finish()`` (a W&B run), or None.
+    """
+
+    def __init__(
+        self, run_dir: Path, config: dict[str, Any], target: str, tracker: Any = None
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.target = target
+        self.tracker = tracker
+        self.silos: dict[int, dict[str, dict[str, float]]] = defaultdict(dict)
+        self.round_info: dict[int, dict[str, float]] = defaultdict(dict)
+        self.lines: list[dict[str, Any]] = []
+        self.start = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        from omegaconf import OmegaConf
+
+        atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(config))
+        (self.run_dir / "metrics.jsonl").write_text("")
+
+    def silo(self, rnd: int, domain: str, metrics: dict[str, float]) -> None:
+        """Add metrics reported by silo ``domain`` about the model of round ``rnd``."""
+        self.silos[rnd].setdefault(domain, {}).update(metrics)
+
+    def info(self, rnd: int, **values: float) -> None:
+        """Add round-level values (wall seconds, bytes) for round ``rnd``; numbers add up."""
+        for key, value in values.items():
+            self.round_info[rnd][key] = self.round_info[rnd].get(key, 0) + value
+
+    def complete(self, rnd: int) -> dict[str, Any]:
+        """Write round ``rnd``'s line to metrics.jsonl, refresh the plot, log to W&B."""
+        silos = self.silos.get(rnd, {})
+        target = silos.get(self.target, {})
+        line = {
+            "round": rnd,
+            "elapsed_seconds": round(time.perf_counter() - self.start, 3),
+            "wall_seconds": round(self.round_info[rnd].get("wall_seconds", 0.0), 3),
+            "target": self.target,
+            "target_accuracy": target.get("test-accuracy"),
+            "target_loss": target.get("test-loss"),
+            "bytes_sent": int(self.round_info[rnd].get("bytes_sent", 0)),
+            "bytes_received": int(self.round_info[rnd].get("bytes_received", 0)),
+            "silos": silos,
+        }
+        self.lines.append(line)
+        with (self.run_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        self.plot()
+        if self.tracker is not None:
+            self.tracker.log(_flat_for_tracker(line), step=rnd)
+        acc = line["target_accuracy"]
+        log.info(
+            "round %d: target %s accuracy %s | %s",
+            rnd,
+            self.target,
+            "n/a" if acc is None else f"{acc:.4f}",
+            ", ".join(
+                f"{d} {m['test-accuracy']:.3f}"
+                for d, m in sorted(silos.items())
+                if d != self.target and "test-accuracy" in m
+            ),
+        )
+        return line
+
+    def plot(self) -> Path:
+        """Write ``accuracy.png``: target accuracy (bold) and each silo's own test accuracy."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        domains = sorted({d for line in self.lines for d in line["silos"]})
+        for domain in domains:
+            points = [
+                (line["round"], line["silos"][domain]["test-accuracy"])
+                for line in self.lines
+                if "test-accuracy" in line["silos"].get(domain, {})
+            ]
+            if not points:
+                continue
+            rounds, accs = zip(*points, strict=True)
+            is_target = domain == self.target
+            ax.plot(
+                rounds,
+                accs,
+                marker="o",
+                lw=2.5 if is_target else 1.0,
+                alpha=1.0 if is_target else 0.6,
+                label=f"{domain} (target)" if is_target else domain,
+            )
+        ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title=self.run_dir.name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        out = self.run_dir / "accuracy.png"
+        tmp = out.with_name(".accuracy.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, out)
+        return out
+
+    def finish(self, status: str, error: str | None = None, **extra: Any) -> dict[str, Any]:
+        """Write ``summary.json`` (also on failure) and close the tracker."""
+        accs = [(row["round"], row["target_accuracy"]) for row in self.lines if row["round"] > 0]
+        accs = [(r, a) for r, a in accs if a is not None]
+        last5 = [a for _, a in accs[-5:]]
+        best = max(accs, key=lambda ra: ra[1]) if accs else (None, None)
+        initial = next((row["target_accuracy"] for row in self.lines if row["round"] == 0), None)
+        summary = {
+            "status": status,
+            "error": error,
+            "target": self.target,
+            "rounds_completed": accs[-1][0] if accs else 0,
+            "initial_target_accuracy": initial,
+            "final_target_accuracy": accs[-1][1] if accs else None,
+            "best_target_accuracy": best[1],
+            "best_round": best[0],
+            "mean_last5_target_accuracy": sum(last5) / len(last5) if last5 else None,
+            "final_silo_accuracy": {
+                d: m.get("test-accuracy")
+                for d, m in (self.lines[-1]["silos"] if self.lines else {}).items()
+            },
+            "wall_seconds": round(time.perf_counter() - self.start, 3),
+            "bytes_sent": sum(row["bytes_sent"] for row in self.lines),
+            "bytes_received": sum(row["bytes_received"] for row in self.lines),
+            **extra,
+        }
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.tracker is not None:
+            self.tracker.summary.update({k: v for k, v in summary.items() if v is not None})
+            self.tracker.finish(exit_code=0 if status == "completed" else 1)
+        return summary
+
+
+def _flat_for_tracker(line: dict[str, Any]) -> dict[str, float]:
+    flat = {k: v for k, v in line.items() if isinstance(v, int | float) and k != "round"}
+    for domain, metrics in line["silos"].items():
+        for key, value in metrics.items():
+            flat[f"silo/{domain}/{key}"] = value
+    return flat

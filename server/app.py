@@ -1,0 +1,150 @@
+"""The ServerApp: holds no data; discovers the silos, runs the strategy, writes the run folder.
+
+Message protocol per run (types as Flower message types):
+1. ``query.info`` to every node: domain, role, sample counts (checked against the config).
+2. Round r (one phase): ``train`` to sources and ``evaluate`` to the target, with model r-1.
+3. After the last round: ``evaluate`` to every silo with the final model.
+What crosses a silo boundary: model weights (server -> silo, silo -> server), the training
+hyper-parameters, and scalar metrics (counts, losses, accuracies, seconds). Never samples.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+
+from fedalign.config import compose, from_json, silos, validate
+from fedalign.errors import FedalignError
+from fedalign.runlog import RunRecorder
+from server.discovery import discover_silos
+from server.grid import MeteredGrid
+from strategies.utils import to_config, to_record
+
+log = logging.getLogger("fedalign.server")
+app = ServerApp()
+LOG_PREFIX = "fedalign |"
+
+
+def setup_logging() -> None:
+    """Our loggers print ``fedalign | ...`` lines (the launcher shows these to the user)."""
+    logger = logging.getLogger("fedalign")
+    if not any(getattr(h, "_fedalign", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"{LOG_PREFIX} %(message)s"))
+        handler._fedalign = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def load_config(run_config: dict[str, Any]) -> DictConfig:
+    """The run's config: the launcher's resolved JSON, or conf/ defaults when run bare."""
+    text = str(run_config.get("config-json", "") or "")
+    cfg = from_json(text) if text else compose([])
+    validate(cfg)
+    return cfg
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The launcher sets ``output.run_dir``; a bare ``flwr run`` gets a fresh folder."""
+    chosen = OmegaConf.select(cfg, "output.run_dir")
+    if chosen:
+        return Path(chosen)
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return (Path(cfg.output.root) / f"{stamp}-{cfg.name}").resolve()
+
+
+def message_configs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """What the silos are told: data settings, train settings, evaluate settings."""
+    data = {
+        "data-source": cfg.data.source,
+        "data-seed": int(cfg.data.seed),
+        "data-cache-dir": cfg.data.cache_dir,
+    }
+    common = {
+        **data,
+        "model": cfg.model.name,
+        "num-classes": int(cfg.model.num_classes),
+        "in-channels": int(cfg.model.in_channels),
+        "device": str(cfg.device),
+        "eval-batch-size": int(cfg.eval.batch_size),
+    }
+    train = {
+        **common,
+        "seed": int(cfg.seed),
+        "local-steps": int(cfg.train.local_steps),
+        "batch-size": int(cfg.train.batch_size),
+        "lr": float(cfg.train.lr),
+        "optimizer": str(cfg.train.optimizer),
+        "momentum": float(cfg.train.momentum),
+        "weight-decay": float(cfg.train.weight_decay),
+        "log-every": int(cfg.train.log_every),
+    }
+    return data, train, common
+
+
+def run(grid: Grid, cfg: DictConfig, recorder: RunRecorder) -> dict[str, Any]:
+    """Discover silos, run the strategy for ``cfg.rounds``, save the final weights."""
+    import numpy as np
+    import torch
+
+    from fedalign.models import build_model, get_weights
+    from strategies.registry import build_strategy
+
+    metered = MeteredGrid(grid)
+    data_cfg, train_cfg, eval_cfg = message_configs(cfg)
+    roster = discover_silos(metered, silos(cfg), float(cfg.federation.connect_timeout), data_cfg)
+    strategy = build_strategy(cfg, roster, recorder)
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model.name, int(cfg.model.num_classes), int(cfg.model.in_channels))
+    strategy.start(
+        grid=metered,
+        initial_arrays=to_record(get_weights(model)),
+        num_rounds=int(cfg.rounds),
+        timeout=float(cfg.federation.round_timeout),
+        train_config=to_config(train_cfg),
+        evaluate_config=to_config(eval_cfg),
+    )
+    final = {name: array.numpy() for name, array in strategy.final_arrays.items()}
+    tmp = recorder.run_dir / ".final_weights.tmp.npz"
+    np.savez(tmp, **final)
+    tmp.replace(recorder.run_dir / "final_weights.npz")
+    return {"silos": {str(n): s.domain for n, s in roster.items()}}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    setup_logging()
+    from fedalign.tracking import start_wandb
+
+    cfg = load_config(context.run_config)
+    run_dir = run_dir_of(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker = start_wandb(config, run_dir, run_dir.name)
+    recorder = RunRecorder(run_dir, config, cfg.data.target, tracker)
+    log.info("run folder: %s", run_dir)
+    try:
+        extra = run(grid, cfg, recorder)
+    except FedalignError as exc:
+        log.error("error: %s", exc)
+        recorder.finish("failed", error=str(exc))
+        raise
+    except BaseException as exc:
+        recorder.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    summary = recorder.finish("completed", **extra)
+    log.info(
+        "done: target %s accuracy %.4f after %d rounds (best %.4f), %.1f s",
+        cfg.data.target,
+        summary["final_target_accuracy"] or 0.0,
+        summary["rounds_completed"],
+        summary["best_target_accuracy"] or 0.0,
+        summary["wall_seconds"],
+    )

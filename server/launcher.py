@@ -1,0 +1,281 @@
+"""Run a federation on this machine with Flower's own deployment engine or simulation engine.
+
+Deployment (``federation.mode=deployment``): one ``flower-superlink`` and one
+``flower-supernode`` per silo, separate processes talking gRPC over loopback; the app is
+submitted with ``flwr run``. Simulation (``federation.mode=simulation``): a simulation
+``flower-superlink`` runs the same apps on virtual SuperNodes. Both are torn down completely
+on success, failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedalign.config import Silo, silos, to_json
+from fedalign.errors import FedalignError
+from server.processes import ProcessSet, port_in_use
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "fedalign"
+LOG_PREFIX = "fedalign |"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class LaunchError(FedalignError):
+    """The local federation could not be started or did not finish."""
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (next to the running Python) or on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise LaunchError(f"`{name}` not found; install fedalign with `make install`")
+    return found
+
+
+def _node_config(values: dict[str, Any]) -> str:
+    return " ".join(
+        f"{k}={json.dumps(v)}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items()
+    )
+
+
+class LocalFederation:
+    """A SuperLink and its SuperNodes (or a simulation SuperLink) for one run.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The resolved, validated run config.
+    run_dir : Path
+        The run folder; process logs go to ``run_dir/logs``.
+    echo : callable
+        Prints a progress line for the user.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, echo: Any = print) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.logs = run_dir / "logs"
+        self.echo = echo
+        self.fed = cfg.federation
+        self.simulation = self.fed.mode == "simulation"
+        self.flwr_home = Path(tempfile.mkdtemp(prefix="fedalign-flwr-"))
+        env = dict(os.environ)
+        env.update(
+            FLWR_HOME=str(self.flwr_home),
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+            PYTHONUNBUFFERED="1",
+        )
+        self.procs = ProcessSet(env=env)
+
+    # ---------------------------------------------------------------------------- start
+    def ports(self) -> dict[str, int]:
+        ports = {"SuperLink control (federation.control_port)": int(self.fed.control_port)}
+        if not self.simulation:
+            ports["SuperLink fleet (federation.fleet_port)"] = int(self.fed.fleet_port)
+            for i, silo in enumerate(silos(self.cfg)):
+                ports[f"SuperNode {silo.domain} (federation.supernode_ports_from+{i})"] = (
+                    int(self.fed.supernode_ports_from) + i
+                )
+        return ports
+
+    def check_ports(self) -> None:
+        for what, port in self.ports().items():
+            if port_in_use(self.fed.host, port):
+                raise LaunchError(
+                    f"port {port} on {self.fed.host} is already in use ({what}); stop the "
+                    f"process holding it (`ss -ltnp | grep {port}`) or choose another port"
+                )
+
+    def start(self) -> None:
+        self.check_ports()
+        host, control = self.fed.host, int(self.fed.control_port)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{host}:{control}"\ninsecure = true\n'
+        )
+        argv = [
+            _bin("flower-superlink"),
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            host,
+            "--port",
+            str(control),
+        ]
+        if self.simulation:
+            argv += ["--simulation"]
+        else:
+            argv += ["--fleet-api-address", f"{host}:{int(self.fed.fleet_port)}"]
+        superlink = self.procs.start("superlink", argv, self.logs / "superlink.log")
+        self._wait_healthy(superlink, host, control)
+        self.echo(
+            f"SuperLink up on {host}:{control}"
+            + ("" if self.simulation else f" (Fleet gRPC {host}:{int(self.fed.fleet_port)})")
+        )
+        if self.simulation:
+            return
+        for i, silo in enumerate(silos(self.cfg)):
+            self.procs.start(
+                f"silo-{silo.domain}",
+                self.supernode_argv(i, silo),
+                self.logs / f"silo-{silo.domain}.log",
+            )
+            self.echo(f"SuperNode for silo {silo.domain} ({silo.role}) started")
+
+    def supernode_argv(self, index: int, silo: Silo) -> list[str]:
+        """The ``flower-supernode`` command line of silo ``index``."""
+        node_config: dict[str, Any] = {
+            "domain": silo.domain,
+            "role": silo.role,
+            "threads": int(self.fed.threads_per_silo),
+        }
+        if self.cfg.data.cache_dir:
+            node_config["data-dir"] = str(self.cfg.data.cache_dir)
+        return [
+            _bin("flower-supernode"),
+            "--insecure",
+            "--superlink",
+            f"{self.fed.host}:{int(self.fed.fleet_port)}",
+            "--node-config",
+            _node_config(node_config),
+            "--host",
+            self.fed.host,
+            "--port",
+            str(int(self.fed.supernode_ports_from) + index),
+        ]
+
+    def _wait_healthy(self, proc: Any, host: str, port: int) -> None:
+        deadline = time.monotonic() + float(self.fed.startup_timeout)
+        while time.monotonic() < deadline:
+            if proc.exited() is not None:
+                raise LaunchError(
+                    f"flower-superlink exited with code {proc.exited()}: {proc.last_line()} "
+                    f"(log: {proc.log_path})"
+                )
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=1) as reply:
+                    if reply.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise LaunchError(
+            f"the SuperLink did not become healthy within {self.fed.startup_timeout}s "
+            f"(log: {proc.log_path})"
+        )
+
+    # --------------------------------------------------------------------------- submit
+    def submit(self, verbose: bool = False) -> str:
+        """``flwr run`` the app, stream its log, return the run's final Flower status."""
+        run_config = self.run_dir / "run-config.toml"
+        run_config.write_text(f"config-json = {json.dumps(to_json(self.cfg))}\n")
+        argv = [
+            _bin("flwr"),
+            "run",
+            str(APP_DIR),
+            CONNECTION,
+            "--run-config",
+            str(run_config),
+            "--stream",
+        ]
+        if self.simulation:
+            argv += [
+                "--federation-config",
+                f"num_supernodes={len(silos(self.cfg))} "
+                f"client_resources_num_cpus={int(self.fed.cpus_per_silo)}",
+            ]
+        run_id = None
+        with (
+            (self.logs / "server.log").open("w") as server_log,
+            subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=self.procs.env,
+                cwd=str(self.run_dir),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            ) as flwr_run,
+        ):
+            for raw in flwr_run.stdout:
+                line = ANSI.sub("", raw.rstrip("\n"))
+                server_log.write(line + "\n")
+                server_log.flush()
+                if run_id is None and (found := re.search(r"[Ss]tarted run (\d+)", line)):
+                    run_id = found.group(1)
+                    self.echo(f"submitted run {run_id}; streaming (full log: {server_log.name})")
+                if LOG_PREFIX in line:
+                    self.echo(line.split(LOG_PREFIX, 1)[1].strip())
+                elif verbose:
+                    self.echo(line)
+                self._check_nodes_alive()
+        if run_id is None:
+            raise LaunchError(f"`flwr run` did not start a run (see {self.logs / 'server.log'})")
+        return self.run_status(run_id)
+
+    def _check_nodes_alive(self) -> None:
+        for proc in self.procs.processes:
+            if proc.exited() is not None and not getattr(proc, "reported", False):
+                proc.reported = True  # type: ignore[attr-defined]
+                self.echo(f"warning: {proc.name} exited ({proc.exited()}): {proc.last_line()}")
+
+    def run_status(self, run_id: str) -> str:
+        out = subprocess.run(
+            [_bin("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+            capture_output=True,
+            text=True,
+            env=self.procs.env,
+            timeout=60,
+        )
+        try:
+            runs = json.loads(out.stdout)["runs"]
+            return str(runs[0]["status"])
+        except (json.JSONDecodeError, KeyError, IndexError):
+            return "unknown"
+
+    # ------------------------------------------------------------------------- teardown
+    def stop(self) -> None:
+        leftovers = self.procs.stop()
+        shutil.rmtree(self.flwr_home, ignore_errors=True)
+        if leftovers:
+            self.echo(f"warning: processes {leftovers} did not exit")
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def launch(cfg: DictConfig, run_dir: Path, echo: Any = print) -> dict[str, Any]:
+    """Run ``cfg`` on a local federation; returns summary.json's content."""
+    run_dir = run_dir.resolve()
+    OmegaConf.update(cfg, "output.run_dir", str(run_dir), force_add=True)
+    with LocalFederation(cfg, run_dir, echo) as federation:
+        federation.start()
+        status = federation.submit(verbose=bool(OmegaConf.select(cfg, "verbose", default=False)))
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if summary.get("status") != "completed":
+        reason = summary.get("error") or f"Flower run status {status}"
+        raise LaunchError(f"run failed: {reason} (logs: {run_dir / 'logs'})")
+    return summary

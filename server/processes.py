@@ -1,0 +1,131 @@
+"""Start Flower's own processes and tear them down completely (no orphans, ports freed)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already listens on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _parent_map() -> dict[int, int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # Field 4 is the parent PID; the command name (field 2) may contain spaces.
+        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (Linux /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _parent_map().items():
+        children.setdefault(parent, []).append(child)
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def exited(self) -> int | None:
+        return self.popen.poll()
+
+    def last_line(self) -> str:
+        try:
+            lines = [
+                row for row in self.log_path.read_text(errors="replace").splitlines() if row.strip()
+            ]
+        except OSError:
+            return ""
+        return lines[-1].strip() if lines else ""
+
+
+@dataclass
+class ProcessSet:
+    """Processes started in their own sessions; ``stop()`` ends them and every descendant."""
+
+    env: dict[str, str]
+    processes: list[ManagedProcess] = field(default_factory=list)
+    seen_pids: set[int] = field(default_factory=set)
+
+    def start(self, name: str, argv: list[str], log_path: Path) -> ManagedProcess:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log_file:
+            popen = subprocess.Popen(
+                argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
+        proc = ManagedProcess(name, popen, log_path)
+        self.processes.append(proc)
+        return proc
+
+    def snapshot(self) -> set[int]:
+        """Remember every live descendant (they may be reparented once a parent exits)."""
+        for proc in self.processes:
+            self.seen_pids.add(proc.popen.pid)
+            self.seen_pids.update(descendants(proc.popen.pid))
+        return set(self.seen_pids)
+
+    def stop(self, grace: float = 10.0) -> list[int]:
+        """SIGTERM everything, SIGKILL what is left after ``grace`` seconds; returns leftovers."""
+        pids = self.snapshot()
+        for proc in reversed(self.processes):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.popen.pid, signal.SIGTERM)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+            for proc in self.processes:
+                proc.popen.poll()
+            time.sleep(0.1)
+        for pid in pids:
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        for proc in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=5)
+        return [pid for pid in pids if pid_alive(pid)]

@@ -1,0 +1,1 @@
+"""Custom Flower strategies (Message API). One strategy per module; see ``registry``."""

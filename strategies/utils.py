@@ -1,0 +1,44 @@
+"""Helpers shared by the strategies, the ServerApp and the ClientApp: records and wire size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+# Message types of the protocol (see docs in server/app.py).
+INFO = "query.info"
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+# Record keys inside a message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SILO = "silo"
+
+
+def to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Named numpy arrays -> ArrayRecord (names and order kept)."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in weights.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> named numpy arrays."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def to_config(values: Mapping[str, object]) -> ConfigRecord:
+    """A flat mapping of scalars -> ConfigRecord (``None`` values are dropped)."""
+    return ConfigRecord({k: v for k, v in values.items() if v is not None})
+
+
+def message_bytes(message: Message) -> int:
+    """Bytes of the message's serialized objects: what crosses the wire for it."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def total_bytes(messages: Iterable[Message]) -> int:
+    return sum(message_bytes(m) for m in messages)

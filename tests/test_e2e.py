@@ -1,0 +1,201 @@
+"""End to end: real flower-superlink / flower-supernode processes over gRPC on loopback.
+
+Every federation started here carries a marker environment variable, inherited by every
+process Flower spawns, so the tests can prove that nothing outlives a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fedalign.config import compose, validate
+from server.launcher import LaunchError, LocalFederation, launch
+from server.processes import pid_alive, port_in_use
+
+pytestmark = pytest.mark.e2e
+FEDALIGN = str(Path(sys.executable).parent / "fedalign")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def port_overrides(silos: int = 3) -> list[str]:
+    control, fleet, *_ = ports = free_ports(2 + silos)
+    # SuperNode ports are consecutive from supernode_ports_from: find a free run of them.
+    base = max(ports) + 1
+    while any(port_in_use("127.0.0.1", base + i) for i in range(silos)):
+        base += silos
+    return [
+        f"federation.control_port={control}",
+        f"federation.fleet_port={fleet}",
+        f"federation.supernode_ports_from={base}",
+    ]
+
+
+def overrides(cache: Path, out: Path, *extra: str, simulation: bool = False) -> list[str]:
+    ports = port_overrides()
+    return [
+        "data.domains=[mnist,usps,mnistm]",
+        f"data.cache_dir={cache}",
+        f"output.root={out}",
+        "rounds=2",
+        "train.local_steps=20",
+        "federation.connect_timeout=60",
+        *(ports[:1] if simulation else ports),
+        *extra,
+    ]
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Live processes whose environment carries ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes()
+            except OSError:
+                continue
+            if marker.encode() in environ and pid_alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+def run_cli(args: list[str], marker: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FEDALIGN_TEST_MARK": marker}
+    return subprocess.run(
+        [FEDALIGN, *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def run_folder(stdout: str) -> Path:
+    line = next(l for l in stdout.splitlines() if l.startswith("run folder:"))
+    return Path(line.split(":", 1)[1].strip())
+
+
+@pytest.fixture(scope="module")
+def deployment_run(digits_cache, tmp_path_factory):
+    marker = uuid.uuid4().hex
+    out = tmp_path_factory.mktemp("deploy")
+    done = run_cli(["run", *overrides(digits_cache, out, "wandb.mode=offline")], marker)
+    return done, marker
+
+
+def test_deployment_run_writes_a_complete_run_folder(deployment_run):
+    done, marker = deployment_run
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = run_folder(done.stdout)
+    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert [l["round"] for l in lines] == [0, 1, 2]
+    assert summary["final_target_accuracy"] > summary["initial_target_accuracy"] + 0.1
+    assert all(set(l["silos"]) == {"mnist", "usps", "mnistm"} for l in lines)
+    assert all(l["bytes_sent"] > 0 and l["bytes_received"] > 0 for l in lines[1:])
+    for name in ("config.yaml", "accuracy.png", "final_weights.npz", "logs/superlink.log"):
+        assert (folder / name).stat().st_size > 0, name
+    for domain in ("mnist", "usps", "mnistm"):
+        assert "SuperNode" in (folder / "logs" / f"silo-{domain}.log").read_text()
+    assert list((folder / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    assert "mnistm (target)" in done.stdout  # the results table
+    assert marked_pids(marker) == []
+
+
+def test_deployment_used_separate_flower_processes(deployment_run):
+    done, _ = deployment_run
+    folder = run_folder(done.stdout)
+    superlink_log = (folder / "logs" / "superlink.log").read_text()
+    assert "Flower Deployment Runtime" in superlink_log or "SuperLink" in superlink_log
+    node_ids = json.loads((folder / "summary.json").read_text())["silos"]
+    assert sorted(node_ids.values()) == ["mnist", "mnistm", "usps"]
+    assert len(set(node_ids)) == 3  # three SuperNodes registered with distinct IDs
+
+
+def test_simulation_reproduces_the_deployment(deployment_run, digits_cache, tmp_path):
+    deployed, _ = deployment_run
+    marker = uuid.uuid4().hex
+    done = run_cli(
+        ["simulate", *overrides(digits_cache, tmp_path, "wandb.mode=disabled", simulation=True)],
+        marker,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    sim = json.loads((run_folder(done.stdout) / "summary.json").read_text())
+    dep = json.loads((run_folder(deployed.stdout) / "summary.json").read_text())
+    assert sim["final_silo_accuracy"] == dep["final_silo_accuracy"]
+    assert marked_pids(marker) == []
+
+
+def test_port_in_use_is_one_line_and_starts_nothing(digits_cache, tmp_path):
+    marker = uuid.uuid4().hex
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        args = overrides(digits_cache, tmp_path, f"federation.control_port={busy}")
+        done = run_cli(["run", *args], marker, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0
+    assert f"port {busy} on 127.0.0.1 is already in use" in done.stderr
+    assert marked_pids(marker) == []
+
+
+def test_unreachable_silo_fails_cleanly(digits_cache, tmp_path, monkeypatch):
+    closed = free_ports(1)[0]
+    original = LocalFederation.supernode_argv
+
+    def wrong_address(self, index, silo):
+        argv = original(self, index, silo)
+        if silo.domain == "usps":
+            argv[argv.index("--superlink") + 1] = f"127.0.0.1:{closed}"
+        return argv
+
+    seen: list[int] = []
+    original_stop = LocalFederation.stop
+
+    def recording_stop(self):
+        seen.extend(self.procs.snapshot())
+        original_stop(self)
+
+    monkeypatch.setattr(LocalFederation, "supernode_argv", wrong_address)
+    monkeypatch.setattr(LocalFederation, "stop", recording_stop)
+    cfg = compose(
+        overrides(digits_cache, tmp_path, "federation.connect_timeout=8", "wandb.mode=disabled")
+    )
+    validate(cfg)
+    with pytest.raises(LaunchError, match=r"only 2/3 silos connected within 8s"):
+        launch(cfg, tmp_path / "run", echo=lambda *_: None)
+    assert len(seen) >= 4  # superlink + 3 supernodes (+ their Flower helpers)
+    assert not [pid for pid in seen if pid_alive(pid)]
+
+
+def test_ctrl_c_tears_everything_down(digits_cache, tmp_path):
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "FEDALIGN_TEST_MARK": marker}
+    args = overrides(digits_cache, tmp_path, "rounds=50", "wandb.mode=disabled")
+    with subprocess.Popen(
+        [FEDALIGN, "run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as proc:
+        for line in proc.stdout:
+            if line.startswith("round 1/50"):
+                break
+        assert marked_pids(marker), "the federation should be running now"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted" in err
+    assert marked_pids(marker) == []
