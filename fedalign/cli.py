@@ -20,6 +20,7 @@ from typing import Any
 from fedalign.config import CONF_DIR, ConfigError, compose, validate
 from fedalign.errors import FedalignError
 
+INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 HYDRA_FLAGS_WITH_VALUE = {
     "--cfg",
     "-c",
@@ -38,7 +39,8 @@ HYDRA_FLAGS_WITH_VALUE = {
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    # Piped output (CI, logs) gets a wide table instead of rich's 80-column default.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -46,19 +48,19 @@ def fail(message: str, code: int = 1) -> None:
     raise SystemExit(code)
 
 
-def _overrides(args: list[str]) -> tuple[list[str], bool]:
-    """Split hydra CLI args into plain overrides and whether ``--multirun`` is on."""
-    overrides, multirun, skip = [], False, False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg in ("-m", "--multirun"):
-            multirun = True
-        elif arg in HYDRA_FLAGS_WITH_VALUE:
-            skip = arg != "--info"
-        elif not arg.startswith("-") and not arg.startswith(("hydra.", "hydra/", "+hydra")):
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Split Hydra CLI args into flags (with their values) and overrides."""
+    flags, overrides, args = [], [], list(args)
+    while args:
+        arg = args.pop(0)
+        if arg.startswith("-"):
+            flags.append(arg)
+            takes_value = arg in HYDRA_FLAGS_WITH_VALUE and args and not args[0].startswith("-")
+            if takes_value and (arg != "--info" or args[0] in INFO_TOPICS):
+                flags.append(args.pop(0))
+        else:
             overrides.append(arg)
-    return overrides, multirun
+    return flags, overrides
 
 
 def prevalidate(args: list[str]) -> None:
@@ -66,7 +68,9 @@ def prevalidate(args: list[str]) -> None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides, multirun = _overrides(args)
+    flags, overrides = split_args(args)
+    multirun = "-m" in flags or "--multirun" in flags
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     jobs = [overrides]
     if multirun:
         try:
@@ -156,8 +160,12 @@ def run_hydra(args: list[str]) -> None:
         prevalidate(args)
     except FedalignError as exc:
         fail(str(exc), code=2)
-    sys.argv = ["fedalign", *args]
-    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_job)()
+    flags, overrides = split_args(args)
+    sys.argv = ["fedalign", *flags, *overrides]  # Hydra's argparse wants flags first
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_job)()
+    except ValueError as exc:  # Hydra's own usage errors (flag combinations)
+        fail(f"hydra: {str(exc).splitlines()[0]}", code=2)
 
 
 def data_command(argv: list[str]) -> None:
@@ -185,8 +193,21 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def setup_logging() -> None:
+    """fedalign's own log lines (data builds, warnings) print plainly, whatever Hydra does."""
+    import logging
+
+    logger = logging.getLogger("fedalign")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
     signal.signal(signal.SIGTERM, _interrupt)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)

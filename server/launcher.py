@@ -77,6 +77,9 @@ class LocalFederation:
         self.simulation = self.fed.mode == "simulation"
         self.flwr_home = Path(tempfile.mkdtemp(prefix="fedalign-flwr-"))
         env = dict(os.environ)
+        # Flower's processes spawn further Flower commands (flower-superexec, flwr-clientapp)
+        # by name: this environment's scripts must come first on PATH.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.update(
             FLWR_HOME=str(self.flwr_home),
             FLWR_DISABLE_UPDATE_CHECK="1",

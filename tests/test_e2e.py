@@ -84,7 +84,7 @@ def run_cli(args: list[str], marker: str, timeout: float = 400) -> subprocess.Co
 
 
 def run_folder(stdout: str) -> Path:
-    line = next(l for l in stdout.splitlines() if l.startswith("run folder:"))
+    line = next(row for row in stdout.splitlines() if row.startswith("run folder:"))
     return Path(line.split(":", 1)[1].strip())
 
 
@@ -100,13 +100,13 @@ def test_deployment_run_writes_a_complete_run_folder(deployment_run):
     done, marker = deployment_run
     assert done.returncode == 0, done.stderr[-2000:]
     folder = run_folder(done.stdout)
-    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(row) for row in (folder / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert [l["round"] for l in lines] == [0, 1, 2]
+    assert [row["round"] for row in lines] == [0, 1, 2]
     assert summary["final_target_accuracy"] > summary["initial_target_accuracy"] + 0.1
-    assert all(set(l["silos"]) == {"mnist", "usps", "mnistm"} for l in lines)
-    assert all(l["bytes_sent"] > 0 and l["bytes_received"] > 0 for l in lines[1:])
+    assert all(set(row["silos"]) == {"mnist", "usps", "mnistm"} for row in lines)
+    assert all(row["bytes_sent"] > 0 and row["bytes_received"] > 0 for row in lines[1:])
     for name in ("config.yaml", "accuracy.png", "final_weights.npz", "logs/superlink.log"):
         assert (folder / name).stat().st_size > 0, name
     for domain in ("mnist", "usps", "mnistm"):
@@ -198,4 +198,22 @@ def test_ctrl_c_tears_everything_down(digits_cache, tmp_path):
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert "interrupted" in err
+    assert marked_pids(marker) == []
+
+
+def test_multirun_sweep_runs_one_federation_per_job(digits_cache, tmp_path):
+    marker = uuid.uuid4().hex
+    args = overrides(digits_cache, tmp_path, "rounds=1", "train.local_steps=5", simulation=True)
+    done = run_cli(["simulate", "-m", "seed=0,1", "wandb.mode=disabled", *args], marker)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summaries = sorted((tmp_path / "multirun").glob("*/*/summary.json"))
+    assert len(summaries) == 2
+    seeds = sorted(
+        int(line.split(":")[1])
+        for path in summaries
+        for line in (path.parent / "config.yaml").read_text().splitlines()
+        if line.startswith("seed:")
+    )
+    assert seeds == [0, 1]
+    assert all(json.loads(p.read_text())["status"] == "completed" for p in summaries)
     assert marked_pids(marker) == []
