@@ -56,7 +56,7 @@ def identify(context: Context) -> SiloIdentity:
         )
     if role not in ROLES:
         raise ConfigError(
-            f"silo '{domain}': role={role!r} is unknown (known: {', '.join(ROLES)}); "
+            f"role={role!r} is unknown (known: {', '.join(ROLES)}); "
             "fix the SuperNode's --node-config"
         )
     data_dir = node.get("data-dir")

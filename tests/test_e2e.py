@@ -183,6 +183,25 @@ def test_unreachable_silo_fails_cleanly(digits_cache, tmp_path, monkeypatch):
     assert not [pid for pid in seen if pid_alive(pid)]
 
 
+def test_bad_node_config_is_reported_by_the_server(digits_cache, tmp_path, monkeypatch):
+    original = LocalFederation.supernode_argv
+
+    def bad_role(self, index, silo):
+        argv = original(self, index, silo)
+        if silo.domain == "usps":
+            at = argv.index("--node-config") + 1
+            argv[at] = argv[at].replace('role="source"', 'role="boss"')
+        return argv
+
+    monkeypatch.setattr(LocalFederation, "supernode_argv", bad_role)
+    cfg = compose(overrides(digits_cache, tmp_path, "wandb.mode=disabled"))
+    validate(cfg)
+    with pytest.raises(LaunchError) as info:
+        launch(cfg, tmp_path / "run", echo=lambda *_: None)
+    assert "silo usps: role='boss' is unknown (known: source, target)" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_ctrl_c_tears_everything_down(digits_cache, tmp_path):
     marker = uuid.uuid4().hex
     env = {**os.environ, "FEDALIGN_TEST_MARK": marker}
