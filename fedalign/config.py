@@ -120,6 +120,16 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "federation.mode", FEDERATION_MODES)
     _choice(cfg, "wandb.mode", WANDB_MODES)
     _choice(cfg, "model.name", tuple(sorted(MODELS)))
+    if "vote" in cfg.strategy:  # FedKA / FedVote settings
+        _choice(cfg, "strategy.start_from", ("finetuned", "averaged"))
+        _choice(cfg, "strategy.aggregation", ("fedavg",))
+        for key in ("vote_samples", "embed_samples", "kernel_num"):
+            _number(cfg, f"strategy.{key}")
+        _number(cfg, "strategy.finetune_steps", minimum=0)
+        _number(cfg, "strategy.mmd_weight", float, minimum=0)
+        _number(cfg, "strategy.kernel_mul", float, minimum=1e-9)
+        agreement = _number(cfg, "strategy.min_agreement", float, minimum=0)
+        _require(agreement <= 1, f"strategy.min_agreement={agreement} must be in [0, 1]")
     device = str(cfg.device)
     _require(
         device in ("auto", "cpu") or device.startswith("cuda"),

@@ -13,7 +13,23 @@ import torch
 from torch import nn
 
 
-class DigitCNN(nn.Module):
+class SplitModel(nn.Module):
+    """A model made of ``encoder`` (input -> features) and ``head`` (features -> logits)."""
+
+    encoder: nn.Module
+    head: nn.Module
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def classify(self, f: torch.Tensor) -> torch.Tensor:
+        return self.head(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(x))
+
+
+class DigitCNN(SplitModel):
     """The FedKA digit CNN (Sun et al., ACML 2022; official notebook).
 
     Input 3x28x28 -> 800-d features -> 10 logits.
@@ -42,17 +58,8 @@ class DigitCNN(nn.Module):
             nn.Linear(100, num_classes),
         )
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
 
-    def classify(self, f: torch.Tensor) -> torch.Tensor:
-        return self.head(f)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x))
-
-
-class ResNet18(nn.Module):
+class ResNet18(SplitModel):
     """torchvision's resnet18 (random init, no download) split into features and head."""
 
     feature_dim = 512
@@ -68,23 +75,14 @@ class ResNet18(nn.Module):
         net.fc = nn.Identity()
         self.encoder = net
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
 
-    def classify(self, f: torch.Tensor) -> torch.Tensor:
-        return self.head(f)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x))
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
+MODELS: dict[str, Callable[..., SplitModel]] = {
     "digit_cnn": DigitCNN,
     "resnet18": ResNet18,
 }
 
 
-def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> SplitModel:
     """Build a registered model by name (see ``MODELS``)."""
     if name not in MODELS:
         known = ", ".join(sorted(MODELS))

@@ -21,6 +21,15 @@ from typing import Any
 
 log = logging.getLogger("fedalign.run")
 
+# Round-level diagnostics drawn next to the accuracies when a strategy reports them.
+DIAGNOSTICS = (
+    "mmd",
+    "vote_agreement",
+    "vote_kept_fraction",
+    "pseudo_label_accuracy",
+    "group_effect",
+)
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file and rename: readers never see half a file."""
@@ -61,6 +70,7 @@ class RunRecorder:
         self.tracker = tracker
         self.silos: dict[int, dict[str, dict[str, float]]] = defaultdict(dict)
         self.round_info: dict[int, dict[str, float]] = defaultdict(dict)
+        self.round_metrics: dict[int, dict[str, float]] = defaultdict(dict)
         self.lines: list[dict[str, Any]] = []
         self.start = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +88,10 @@ class RunRecorder:
         for key, value in values.items():
             self.round_info[rnd][key] = self.round_info[rnd].get(key, 0) + value
 
+    def metrics(self, rnd: int, **values: float) -> None:
+        """Set round-level metrics of round ``rnd`` (e.g. mmd, vote_agreement, group_effect)."""
+        self.round_metrics[rnd].update(values)
+
     def complete(self, rnd: int) -> dict[str, Any]:
         """Write round ``rnd``'s line to metrics.jsonl, refresh the plot, log to W&B."""
         silos = self.silos.get(rnd, {})
@@ -91,6 +105,7 @@ class RunRecorder:
             "target_loss": target.get("test-loss"),
             "bytes_sent": int(self.round_info[rnd].get("bytes_sent", 0)),
             "bytes_received": int(self.round_info[rnd].get("bytes_received", 0)),
+            **self.round_metrics.get(rnd, {}),
             "silos": silos,
         }
         self.lines.append(line)
@@ -121,7 +136,11 @@ class RunRecorder:
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
 
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        extras = [k for k in DIAGNOSTICS if any(line.get(k) is not None for line in self.lines)]
+        fig, axes = plt.subplots(
+            1, 2 if extras else 1, figsize=(12 if extras else 7, 4), dpi=110, squeeze=False
+        )
+        ax = axes[0][0]
         domains = sorted({d for line in self.lines for d in line["silos"]})
         for domain in domains:
             points = [
@@ -142,11 +161,21 @@ class RunRecorder:
                 label=f"{domain} (target)" if is_target else domain,
             )
         ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title=self.run_dir.name)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        for key in extras:
+            points = [
+                (line["round"], line[key]) for line in self.lines if line.get(key) is not None
+            ]
+            rounds, values = zip(*points, strict=True)
+            axes[0][1].plot(rounds, values, marker=".", label=key)
+        if extras:
+            axes[0][1].set(xlabel="round", title="alignment and vote diagnostics")
+        for axis in axes[0]:
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8, loc="best")
         out = self.run_dir / "accuracy.png"
         tmp = out.with_name(".accuracy.tmp.png")
+        fig.tight_layout()
         fig.savefig(tmp)
         plt.close(fig)
         os.replace(tmp, out)

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedalign.align import mk_mmd
+
 log = logging.getLogger("fedalign.train")
 
 
@@ -62,6 +64,19 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[np
         pos += batch_size
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """FedKA's feature alignment term: ``weight * MK-MMD(source features, target embeddings)``.
+
+    ``embeddings`` are the target silo's (M, D) features, fixed anchors without gradient.
+    """
+
+    embeddings: np.ndarray
+    weight: float
+    kernel_mul: float = 2.0
+    kernel_num: int = 5
+
+
 def train_local(
     model: nn.Module,
     x: np.ndarray,
@@ -69,38 +84,88 @@ def train_local(
     cfg: TrainConfig,
     device: torch.device,
     tag: str = "",
+    align: Alignment | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_scale: float = 1.0,
 ) -> dict[str, float]:
-    """Train ``model`` in place with cross-entropy for ``cfg.local_steps`` mini-batches.
+    """Train ``model`` in place for ``cfg.local_steps`` mini-batches.
 
-    Returns the mean training loss and accuracy over the steps, and the wall seconds.
+    Loss per step: ``loss_scale * cross-entropy`` plus, with ``align``,
+    ``align.weight * mk_mmd(features of the batch, a random batch of target embeddings)``.
+    Pass ``optimizer`` to continue its state across rounds (else a fresh one is made).
+    Returns mean training loss, accuracy and MMD over the steps, and the wall seconds.
     """
     if len(x) < 2:
         raise ValueError(f"{tag or 'silo'}: too few training samples ({len(x)})")
     torch.manual_seed(cfg.seed)
     model.to(device).train()
-    optimizer = make_optimizer(model, cfg)
+    optimizer = optimizer or make_optimizer(model, cfg)
     inputs, labels = to_input(x, device), torch.from_numpy(y).to(device)
+    anchors = None if align is None else torch.from_numpy(align.embeddings).to(device)
+    anchor_rng = np.random.default_rng(cfg.seed + 1)
     batch_size = min(cfg.batch_size, len(x))
-    loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    sums = {"loss": 0.0, "correct": 0.0, "mmd": 0.0}
+    seen, start = 0, time.perf_counter()
     for step, idx in enumerate(batch_indices(len(x), batch_size, cfg.local_steps, cfg.seed), 1):
         index = torch.from_numpy(idx).to(device)
-        logits = model(inputs[index])
-        loss = nn.functional.cross_entropy(logits, labels[index])
+        features = model.features(inputs[index])
+        logits = model.classify(features)
+        loss = loss_scale * nn.functional.cross_entropy(logits, labels[index])
+        if anchors is not None:
+            pick = anchor_rng.choice(len(anchors), min(len(idx), len(anchors)), replace=False)
+            mmd = mk_mmd(
+                features,
+                anchors[torch.from_numpy(pick).to(device)],
+                align.kernel_mul,
+                align.kernel_num,
+            )
+            loss = loss + align.weight * mmd
+            sums["mmd"] += mmd.item() * len(idx)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{tag or 'silo'}: training loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(idx)
-        correct += int((logits.argmax(1) == labels[index]).sum())
+        sums["loss"] += loss.item() * len(idx)
+        sums["correct"] += int((logits.argmax(1) == labels[index]).sum())
         seen += len(idx)
         if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.local_steps):
-            log.info("%s step %d/%d loss %.4f", tag, step, cfg.local_steps, loss_sum / seen)
-    return {
-        "train-loss": loss_sum / max(seen, 1),
-        "train-accuracy": correct / max(seen, 1),
+            log.info("%s step %d/%d loss %.4f", tag, step, cfg.local_steps, sums["loss"] / seen)
+    metrics = {
+        "train-loss": sums["loss"] / max(seen, 1),
+        "train-accuracy": sums["correct"] / max(seen, 1),
         "train-seconds": time.perf_counter() - start,
     }
+    if anchors is not None:
+        metrics["mmd"] = sums["mmd"] / max(seen, 1)
+    return metrics
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """The optimizer's per-parameter state (Adam moments, momentum, step) as named arrays."""
+    return {
+        f"{index}.{name}": value.detach().cpu().numpy().copy()
+        for index, state in optimizer.state_dict()["state"].items()
+        for name, value in state.items()
+        if torch.is_tensor(value)
+    }
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, arrays: dict[str, np.ndarray]) -> None:
+    """Restore :func:`optimizer_state`; ValueError when it does not fit this optimizer."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in arrays.items():
+        index, name = key.split(".", 1)
+        # Transport turns 0-d scalars (Adam's step) into shape (1,); torch wants them 0-d.
+        tensor = torch.from_numpy(np.array(value))
+        state.setdefault(int(index), {})[name] = tensor.reshape(()) if name == "step" else tensor
+    current = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in state.items():
+        for name, value in entry.items():
+            if value.ndim and (index >= len(params) or value.shape != params[index].shape):
+                raise ValueError(f"saved optimizer state '{index}.{name}' does not fit the model")
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedalign.config import compose, from_json, silos, validate
 from fedalign.errors import FedalignError
 from fedalign.runlog import RunRecorder
+from server.audit import BoundaryAudit
 from server.discovery import discover_silos
 from server.grid import MeteredGrid
 from strategies.utils import to_config, to_record
@@ -86,6 +87,7 @@ def message_configs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any], di
         "momentum": float(cfg.train.momentum),
         "weight-decay": float(cfg.train.weight_decay),
         "log-every": int(cfg.train.log_every),
+        "keep-optimizer-state": bool(cfg.train.keep_optimizer_state),
     }
     return data, train, common
 
@@ -98,9 +100,11 @@ def run(grid: Grid, cfg: DictConfig, recorder: RunRecorder) -> dict[str, Any]:
     from fedalign.models import build_model, get_weights
     from strategies.registry import build_strategy
 
-    metered = MeteredGrid(grid)
+    audit = BoundaryAudit(recorder.run_dir / "boundary.jsonl")
+    metered = MeteredGrid(grid, taps=[audit])
     data_cfg, train_cfg, eval_cfg = message_configs(cfg)
     roster = discover_silos(metered, silos(cfg), float(cfg.federation.connect_timeout), data_cfg)
+    audit.names = {node: silo.domain for node, silo in roster.items()}
     strategy = build_strategy(cfg, roster, recorder)
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model.name, int(cfg.model.num_classes), int(cfg.model.in_channels))

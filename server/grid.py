@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 
 from strategies.utils import message_bytes
 
-Tap = Callable[[str, Message], None]
+Tap = Callable[[str, Message, int], None]
 
 
 class MeteredGrid(Grid):
@@ -26,7 +26,7 @@ class MeteredGrid(Grid):
     inner : Grid
         The Grid the ServerApp was given.
     taps : list of callables, optional
-        Each is called as ``tap("sent" | "received", message)``.
+        Each is called as ``tap("sent" | "received", message, size_in_bytes)``.
     """
 
     def __init__(self, inner: Grid, taps: list[Tap] | None = None) -> None:
@@ -59,17 +59,19 @@ class MeteredGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         for message in messages:
-            self.bytes_sent += message_bytes(message)
+            size = message_bytes(message)
+            self.bytes_sent += size
             for tap in self.taps:
-                tap("sent", message)
+                tap("sent", message, size)
         return self.inner.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self.inner.pull_messages(message_ids))
         for reply in replies:
-            self.bytes_received += message_bytes(reply)
+            size = message_bytes(reply)
+            self.bytes_received += size
             for tap in self.taps:
-                tap("received", reply)
+                tap("received", reply, size)
         return replies
 
     def send_and_receive(

@@ -3,8 +3,8 @@
 Each round is ONE message phase: source silos get ``train`` (they first evaluate the received
 global model on their own test split, then train), and the target silo gets ``evaluate`` with
 the same global model. So round r's phase reports the accuracy of the model after round r-1;
-the model after the last round is evaluated by one final ``evaluate`` phase to every silo.
-Flower's FedAvg pattern would spend two phases per round (train, then evaluate).
+the model after the last round is evaluated by one final ``evaluate`` phase. Flower's FedAvg
+pattern would spend two phases per round (train, then evaluate).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import logging
 import time
 from collections.abc import Iterable
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from fedalign.config import Silo
 from fedalign.errors import FederationError
@@ -24,6 +25,9 @@ from server.grid import MeteredGrid
 from strategies.utils import ARRAYS, CONFIG, METRICS
 
 log = logging.getLogger("fedalign.strategy")
+
+# Train metrics that describe the received model, not the local update.
+RECEIVED_KEYS = ("received-test-accuracy", "received-test-loss")
 
 
 class SiloFedAvg(FedAvg):
@@ -36,9 +40,8 @@ class SiloFedAvg(FedAvg):
     recorder : RunRecorder
         Receives every silo's metrics and writes the run folder.
     num_rounds : int
-        Total rounds; the last round adds the final evaluation phase.
-        After ``start()``, ``final_arrays`` holds the final global model (also when no
-        round could aggregate, where Flower's ``Result.arrays`` stays empty).
+        Total rounds. After ``start()``, ``final_arrays`` holds the final global model (also
+        when no round could aggregate, where Flower's ``Result.arrays`` stays empty).
     min_sources : int (default: 1)
         Minimum valid source replies needed to aggregate a round.
     """
@@ -60,40 +63,45 @@ class SiloFedAvg(FedAvg):
         self.recorder = recorder
         self.num_rounds = num_rounds
         self.min_sources = min_sources
+        self.final_arrays: ArrayRecord | None = None
+        self.source_models: dict[str, ArrayRecord] = {}
+        self.timeout: float | None = None
+        self.evaluate_config = ConfigRecord()
+        self._sent: dict[str, tuple[tuple[int, ...], str]] = {}
         self._phase_start = 0.0
         self._bytes_mark = (0, 0)
         self._grid: Grid | None = None
-        self.final_arrays: ArrayRecord | None = None
 
-    # Roster helpers ----------------------------------------------------------------------
-    def nodes(self, role: str) -> list[int]:
-        return sorted(n for n, s in self.roster.items() if s.role == role)
+    # Roster and bookkeeping --------------------------------------------------------------
+    def nodes(self, role: str, grid: Grid | None = None) -> list[int]:
+        """Node IDs of ``role``, restricted to connected nodes when ``grid`` is given."""
+        connected = set(grid.get_node_ids()) if grid is not None else set(self.roster)
+        return sorted(n for n, s in self.roster.items() if s.role == role and n in connected)
 
     def domain(self, node_id: int) -> str:
         silo = self.roster.get(node_id)
         return silo.domain if silo else f"node {node_id}"
 
-    def _messages(
-        self, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, message_type: str
-    ) -> list[Message]:
-        record = RecordDict({ARRAYS: arrays, CONFIG: config})
-        return [Message(record, node, message_type) for node in nodes]
+    @staticmethod
+    def messages(nodes: list[int], content: RecordDict, message_type: str) -> list[Message]:
+        return [Message(content, node, message_type) for node in nodes]
 
-    def _start_phase(self, grid: Grid) -> None:
+    def start_phase(self, grid: Grid) -> None:
         self._phase_start = time.perf_counter()
+        self._grid = grid
         if isinstance(grid, MeteredGrid):
             self._bytes_mark = (grid.bytes_sent, grid.bytes_received)
-        self._grid = grid
 
-    def _end_phase(self, rnd: int) -> None:
+    def end_phase(self, rnd: int) -> None:
+        """Add the phase's wall seconds and bytes to round ``rnd``."""
         values = {"wall_seconds": time.perf_counter() - self._phase_start}
-        grid = self._grid
-        if isinstance(grid, MeteredGrid):
-            values["bytes_sent"] = grid.bytes_sent - self._bytes_mark[0]
-            values["bytes_received"] = grid.bytes_received - self._bytes_mark[1]
+        if isinstance(self._grid, MeteredGrid):
+            values["bytes_sent"] = self._grid.bytes_sent - self._bytes_mark[0]
+            values["bytes_received"] = self._grid.bytes_received - self._bytes_mark[1]
         self.recorder.info(rnd, **values)
 
-    def _split_errors(self, replies: Iterable[Message], phase: str) -> list[Message]:
+    def drop_errors(self, replies: Iterable[Message], phase: str) -> list[Message]:
+        """Replies without errors; each error reply is logged with its silo."""
         valid = []
         for reply in replies:
             if reply.has_error():
@@ -107,61 +115,110 @@ class SiloFedAvg(FedAvg):
                 valid.append(reply)
         return valid
 
-    # Train phase: sources train on model r-1, targets evaluate model r-1 --------------
+    def train_reply_problem(self, reply: Message) -> str | None:
+        """Why a train reply cannot be aggregated, or None when it can."""
+        content = reply.content
+        if ARRAYS not in content.array_records or METRICS not in content.metric_records:
+            return f"missing records (has {sorted(content.keys())})"
+        arrays = content[ARRAYS]
+        if set(arrays) != set(self._sent):
+            return f"arrays {sorted(set(arrays) ^ set(self._sent))[:3]} do not match the model"
+        for name, array in arrays.items():
+            if (tuple(array.shape), array.dtype) != self._sent[name]:
+                return f"array '{name}' is {array.dtype}{list(array.shape)}, expected " + (
+                    f"{self._sent[name][1]}{list(self._sent[name][0])}"
+                )
+            if not np.isfinite(array.numpy()).all():
+                return f"array '{name}' has non-finite values"
+        if content[METRICS].get("num-examples", 0) <= 0:
+            return "metrics lack a positive num-examples"
+        return None
+
+    # Flower's loop ------------------------------------------------------------------------
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: object = None,
+    ) -> Result:
+        """Flower's round loop, then one evaluation of the final model (see module doc)."""
+        self.final_arrays = initial_arrays
+        self.timeout = timeout
+        self.evaluate_config = evaluate_config or ConfigRecord()
+        result = super().start(
+            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
+        )
+        self.evaluate_final(grid)
+        return result
+
+    def train_content(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord
+    ) -> RecordDict:
+        """What every source receives with ``train``."""
+        return RecordDict({ARRAYS: arrays, CONFIG: config})
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._start_phase(grid)
-        connected = set(grid.get_node_ids())
-        sources = [n for n in self.nodes("source") if n in connected]
+        self.start_phase(grid)
+        sources = self.nodes("source", grid)
         if len(sources) < self.min_sources:
             raise FederationError(
                 f"round {server_round}: {len(sources)} source silo(s) connected, "
                 f"strategy.min_sources={self.min_sources}"
             )
+        self._sent = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         config = ConfigRecord({**config, "server-round": server_round})
-        targets = [n for n in self.nodes("target") if n in connected]
         log.info(
             "round %d/%d: training on %s",
             server_round,
             self.num_rounds,
             ", ".join(self.domain(n) for n in sources),
         )
-        return self._messages(sources, arrays, config, MessageType.TRAIN) + self._messages(
-            targets, arrays, config, MessageType.EVALUATE
+        return self.messages(
+            sources, self.train_content(server_round, arrays, config), MessageType.TRAIN
+        ) + self.messages(
+            self.nodes("target", grid),
+            RecordDict({ARRAYS: arrays, CONFIG: config}),
+            MessageType.EVALUATE,
         )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = self._split_errors(replies, f"round {server_round} train")
-        trained = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
+        replies = self.drop_errors(replies, f"round {server_round} train")
+        trained = []
         for reply in replies:
             domain, metrics = self.domain(reply.metadata.src_node_id), reply.content[METRICS]
-            if reply.metadata.message_type == MessageType.TRAIN:
+            if reply.metadata.message_type != MessageType.TRAIN:
+                self.record_evaluation(server_round - 1, reply)
+            elif problem := self.train_reply_problem(reply):
+                log.warning("round %d: dropped reply from %s: %s", server_round, domain, problem)
+            else:
+                trained.append(reply)
                 self.recorder.silo(
                     server_round - 1,
                     domain,
                     {
-                        "test-accuracy": metrics["received-test-accuracy"],
-                        "test-loss": metrics["received-test-loss"],
+                        "test-accuracy": metrics[RECEIVED_KEYS[0]],
+                        "test-loss": metrics[RECEIVED_KEYS[1]],
                     },
                 )
                 self.recorder.silo(
                     server_round,
                     domain,
-                    {k: metrics[k] for k in ("train-loss", "train-accuracy", "train-seconds")},
-                )
-            else:
-                self.recorder.silo(
-                    server_round - 1,
-                    domain,
-                    {
-                        "test-accuracy": metrics["test-accuracy"],
-                        "test-loss": metrics["test-loss"],
-                    },
+                    {k: v for k, v in metrics.items() if k not in RECEIVED_KEYS},
                 )
         self.recorder.complete(server_round - 1)
+        # Replies arrive in any order; a fixed order makes the float sums reproducible.
+        trained.sort(key=lambda reply: self.domain(reply.metadata.src_node_id))
+        self.source_models = {
+            self.domain(r.metadata.src_node_id): r.content[ARRAYS] for r in trained
+        }
         if len(trained) < self.min_sources:
             log.warning(
                 "round %d: %d valid source replies < strategy.min_sources=%d; "
@@ -170,41 +227,44 @@ class SiloFedAvg(FedAvg):
                 len(trained),
                 self.min_sources,
             )
-            self._end_phase(server_round)
+            self.end_phase(server_round)
             return None, None
         arrays, metrics = super().aggregate_train(server_round, trained)
-        self._end_phase(server_round)
+        self.final_arrays = arrays
+        self.end_phase(server_round)
         return arrays, metrics
 
-    # Evaluate phase: only after the last round, every silo evaluates the final model ------
+    def record_evaluation(self, rnd: int, reply: Message) -> None:
+        metrics = reply.content[METRICS]
+        self.recorder.silo(
+            rnd,
+            self.domain(reply.metadata.src_node_id),
+            {"test-accuracy": metrics["test-accuracy"], "test-loss": metrics["test-loss"]},
+        )
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if server_round < self.num_rounds:
-            return []
-        self.final_arrays = arrays
-        self._start_phase(grid)
-        config = ConfigRecord({**config, "server-round": server_round})
-        connected = set(grid.get_node_ids())
-        nodes = [n for n in sorted(self.roster) if n in connected]
-        return self._messages(nodes, arrays, config, MessageType.EVALUATE)
+        return []  # folded into the train phase; see evaluate_final
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = self._split_errors(replies, f"round {server_round} evaluate")
-        if server_round < self.num_rounds:
-            return None
-        for reply in replies:
-            metrics = reply.content[METRICS]
-            self.recorder.silo(
-                server_round,
-                self.domain(reply.metadata.src_node_id),
-                {
-                    "test-accuracy": metrics["test-accuracy"],
-                    "test-loss": metrics["test-loss"],
-                },
-            )
-        self._end_phase(server_round)
-        self.recorder.complete(server_round)
-        return super().aggregate_evaluate(server_round, replies) if replies else None
+        return None
+
+    # After the last round ----------------------------------------------------------------
+    def final_evaluation_nodes(self, grid: Grid) -> list[int]:
+        """Silos that still have to evaluate the final model."""
+        return self.nodes("source", grid) + self.nodes("target", grid)
+
+    def evaluate_final(self, grid: Grid) -> None:
+        """One ``evaluate`` phase with the final model; completes the last round's line."""
+        self.start_phase(grid)
+        config = ConfigRecord({**self.evaluate_config, "server-round": self.num_rounds})
+        content = RecordDict({ARRAYS: self.final_arrays, CONFIG: config})
+        messages = self.messages(self.final_evaluation_nodes(grid), content, MessageType.EVALUATE)
+        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        for reply in self.drop_errors(replies, "final evaluation"):
+            self.record_evaluation(self.num_rounds, reply)
+        self.end_phase(self.num_rounds)
+        self.recorder.complete(self.num_rounds)

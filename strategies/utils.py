@@ -12,12 +12,25 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 INFO = "query.info"
 TRAIN = "train"
 EVALUATE = "evaluate"
+EMBED = "query.embed"  # FedKA: target silo evaluates and embeds
+VOTE = "train.vote"  # FedKA: target silo votes, fine-tunes, evaluates and embeds
 
 # Record keys inside a message's RecordDict.
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SILO = "silo"
+EMBEDDINGS = "embeddings"  # target-domain features (M x D), FedKA's alignment anchors
+
+
+def source_model_key(domain: str) -> str:
+    """Record key of one source silo's model inside a ``train.vote`` message."""
+    return f"model.{domain}"
+
+
+def source_domain(key: str) -> str | None:
+    """Inverse of :func:`source_model_key` (None for other keys)."""
+    return key.removeprefix("model.") if key.startswith("model.") else None
 
 
 def to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -236,3 +236,42 @@ def test_multirun_sweep_runs_one_federation_per_job(digits_cache, tmp_path):
     assert seeds == [0, 1]
     assert all(json.loads(p.read_text())["status"] == "completed" for p in summaries)
     assert marked_pids(marker) == []
+
+
+def test_fedka_deployment_and_its_boundary_audit(digits_cache, tmp_path):
+    """A real FedKA run; the audit of every message crossing the SuperLink holds only model
+    weights, 64 target embeddings of 800 features, and named scalars."""
+    marker = uuid.uuid4().hex
+    args = overrides(
+        digits_cache,
+        tmp_path,
+        "strategy=fedka",
+        "strategy.embed_samples=64",
+        "strategy.vote_samples=256",
+        "strategy.finetune_steps=8",
+        "wandb.mode=disabled",
+    )
+    done = run_cli(["run", *args], marker)
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = run_folder(done.stdout)
+    lines = [json.loads(row) for row in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in lines] == [0, 1, 2]
+    assert all(isinstance(row["vote_agreement"], float) for row in lines[1:])
+    assert all(isinstance(row["mmd"], float) for row in lines[1:])
+    from fedalign.models import build_model, get_weights
+
+    model = {k: list(v.shape) for k, v in get_weights(build_model("digit_cnn")).items()}
+    audit = [json.loads(row) for row in (folder / "boundary.jsonl").read_text().splitlines()]
+    types = {(row["direction"], row["type"]) for row in audit}
+    assert ("sent", "train.vote") in types and ("received", "query.embed") in types
+    for row in audit:
+        for name, arrays in row.get("arrays", {}).items():
+            shapes = {key: shape for key, (_, shape) in arrays.items()}
+            if name == "embeddings":
+                assert shapes == {"embeddings": [64, 800]}, row
+            else:
+                assert name == "arrays" or name.startswith("model."), row
+                assert shapes == model, row
+        if row["direction"] == "received" and row["silo"] != "mnistm":
+            assert set(row.get("arrays", {})) <= {"arrays"}, row  # sources send weights only
+    assert marked_pids(marker) == []

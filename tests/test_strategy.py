@@ -90,7 +90,7 @@ def test_only_weights_and_scalars_cross_the_boundary(tmp_path, digits_cache):
     grid = InProcessGrid(client_app, node_configs(digits_cache))
     model_shapes = {k: v.shape for k, v in get_weights(build_model("digit_cnn")).items()}
 
-    def tap(direction: str, message: Message) -> None:
+    def tap(direction: str, message: Message, size: int) -> None:
         if message.has_content():
             for record in message.content.array_records.values():
                 seen.append(

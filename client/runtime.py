@@ -1,0 +1,77 @@
+"""What every handler needs: the silo, its data, the model and the training settings."""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+
+from client.silo import SiloIdentity, identify
+from fedalign.data import DomainSplit, get_source
+from strategies.utils import CONFIG, from_record, to_config
+
+
+@functools.lru_cache(maxsize=4)
+def load_data(source: str, domain: str, cache_dir: str | None, seed: int) -> DomainSplit:
+    return get_source(source, cache_dir=cache_dir, seed=seed).load(domain)
+
+
+def setup(message: Message, context: Context) -> tuple[SiloIdentity, dict[str, Any], DomainSplit]:
+    """This silo's identity, the message's config, and the silo's own data."""
+    silo = identify(context)
+    cfg = dict(message.content[CONFIG]) if CONFIG in message.content else {}
+    if silo.threads > 0:
+        import torch
+
+        torch.set_num_threads(silo.threads)
+    data = load_data(
+        str(cfg.get("data-source", "digits5")),
+        silo.domain,
+        silo.data_dir or cfg.get("data-cache-dir") or None,
+        int(cfg.get("data-seed", 0)),
+    )
+    return silo, cfg, data
+
+
+def silo_record(silo: SiloIdentity) -> ConfigRecord:
+    return to_config({"domain": silo.domain, "role": silo.role})
+
+
+def build(cfg: dict[str, Any], arrays: ArrayRecord) -> Any:
+    """The configured model with ``arrays`` loaded (ValueError if they do not fit)."""
+    from fedalign.models import build_model, set_weights
+
+    model = build_model(
+        str(cfg["model"]), int(cfg.get("num-classes", 10)), int(cfg.get("in-channels", 3))
+    )
+    set_weights(model, from_record(arrays))
+    return model
+
+
+def device(silo: SiloIdentity, cfg: dict[str, Any]) -> Any:
+    from fedalign.train import resolve_device
+
+    return resolve_device(silo.device or str(cfg.get("device", "auto")))
+
+
+def train_config(cfg: dict[str, Any], silo: SiloIdentity) -> Any:
+    """Local-update settings from the message; the seed differs per silo and round."""
+    from fedalign.train import TrainConfig
+
+    seed = int(cfg.get("seed", 0)) * 1_000_003 + int(cfg.get("server-round", 0)) * 7_919
+    return TrainConfig(
+        local_steps=int(cfg["local-steps"]),
+        batch_size=int(cfg["batch-size"]),
+        lr=float(cfg["lr"]),
+        optimizer=str(cfg.get("optimizer", "adam")),
+        momentum=float(cfg.get("momentum", 0.9)),
+        weight_decay=float(cfg.get("weight-decay", 0.0)),
+        seed=(seed + zlib.crc32(silo.domain.encode())) % 2**31,
+        log_every=int(cfg.get("log-every", 0)),
+    )
+
+
+def eval_batch(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("eval-batch-size", 512))

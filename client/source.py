@@ -1,0 +1,91 @@
+"""A source silo's round: evaluate the received model, train (aligned to the target), reply."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client import runtime
+from fedalign.config import ConfigError
+from strategies.utils import ARRAYS, EMBEDDINGS, METRICS, SILO, from_record, to_record
+
+log = logging.getLogger("fedalign.client")
+OPTIMIZER = "optimizer"  # Context.state keys: the local optimizer survives across rounds
+OPTIMIZER_META = "optimizer-meta"
+
+
+def train(message: Message, context: Context) -> Message:
+    from fedalign.models import get_weights
+    from fedalign.train import Alignment, evaluate, make_optimizer, train_local
+
+    silo, cfg, data = runtime.setup(message, context)
+    if silo.role != "source":
+        raise ConfigError(f"role {silo.role!r} does not train with labels; only sources do")
+    model = runtime.build(cfg, message.content[ARRAYS])
+    device = runtime.device(silo, cfg)
+    model.to(device)
+    tag = f"silo {silo.domain} round {cfg.get('server-round', 0)}:"
+    received = evaluate(model, data.x_test, data.y_test, device, runtime.eval_batch(cfg))
+    train_cfg = runtime.train_config(cfg, silo)
+    optimizer = make_optimizer(model, train_cfg)
+    if cfg.get("keep-optimizer-state", True):
+        restore_optimizer(context, optimizer, cfg, tag)
+    align = None
+    if EMBEDDINGS in message.content.array_records:
+        align = Alignment(
+            embeddings=from_record(message.content[EMBEDDINGS])[EMBEDDINGS],
+            weight=float(cfg.get("mmd-weight", 0.0)),
+            kernel_mul=float(cfg.get("kernel-mul", 2.0)),
+            kernel_num=int(cfg.get("kernel-num", 5)),
+        )
+    fit = train_local(
+        model, data.x_train, data.y_train, train_cfg, device, tag, align=align, optimizer=optimizer
+    )
+    if cfg.get("keep-optimizer-state", True):
+        save_optimizer(context, optimizer, cfg)
+    log.info(
+        "%s trained %d steps, loss %.4f%s, received-model test acc %.4f",
+        tag,
+        train_cfg.local_steps,
+        fit["train-loss"],
+        f", mmd {fit['mmd']:.4f} (weight {align.weight:.3f})" if align else "",
+        received["test-accuracy"],
+    )
+    metrics = {
+        "num-examples": len(data.y_train),
+        **fit,
+        "received-test-accuracy": received["test-accuracy"],
+        "received-test-loss": received["test-loss"],
+    }
+    content = RecordDict(
+        {
+            ARRAYS: to_record(get_weights(model)),
+            METRICS: MetricRecord(metrics),
+            SILO: runtime.silo_record(silo),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+def _meta(cfg: dict) -> dict[str, str]:
+    return {"model": str(cfg["model"]), "optimizer": str(cfg.get("optimizer", "adam"))}
+
+
+def restore_optimizer(context: Context, optimizer: object, cfg: dict, tag: str) -> None:
+    from fedalign.train import load_optimizer_state
+
+    state = context.state
+    if OPTIMIZER not in state or dict(state[OPTIMIZER_META]) != _meta(cfg):
+        return
+    try:
+        load_optimizer_state(optimizer, from_record(state[OPTIMIZER]))
+    except ValueError as exc:
+        log.warning("%s starting a fresh optimizer: %s", tag, exc)
+
+
+def save_optimizer(context: Context, optimizer: object, cfg: dict) -> None:
+    from fedalign.train import optimizer_state
+
+    context.state[OPTIMIZER] = to_record(optimizer_state(optimizer))
+    context.state[OPTIMIZER_META] = ConfigRecord(_meta(cfg))

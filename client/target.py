@@ -1,0 +1,148 @@
+"""The target silo (FedKA's global workspace): evaluate, vote, fine-tune, embed.
+
+What leaves this silo: the fine-tuned model weights, M embeddings of random target
+training inputs (features of the global model, FedKA's alignment anchors), and scalar
+metrics. Target images, target labels and per-sample predictions stay here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message, MetricRecord, RecordDict
+
+from client import runtime
+from fedalign.config import ConfigError
+from strategies.utils import ARRAYS, EMBEDDINGS, METRICS, SILO, source_domain, to_record
+
+log = logging.getLogger("fedalign.client")
+
+
+def _require_target(role: str) -> None:
+    if role != "target":
+        raise ConfigError(f"role {role!r} cannot serve target requests; only the target silo does")
+
+
+def _embeddings(model: Any, data: Any, cfg: dict[str, Any], device: Any) -> dict[str, Any]:
+    from fedalign.workspace import embed, sample_indices
+
+    count = int(cfg.get("embed-samples", 0))
+    if count <= 0:
+        return {}
+    seed = int(cfg.get("seed", 0)) * 1_000_003 + int(cfg.get("server-round", 0)) + 17
+    idx = sample_indices(len(data.x_train), count, seed)
+    return {EMBEDDINGS: to_record({EMBEDDINGS: embed(model, data.x_train[idx], device)})}
+
+
+def embed_and_evaluate(message: Message, context: Context) -> Message:
+    """``query.embed``: evaluate the received model on the target test split and embed."""
+    from fedalign.train import evaluate
+
+    silo, cfg, data = runtime.setup(message, context)
+    _require_target(silo.role)
+    model = runtime.build(cfg, message.content[ARRAYS])
+    device = runtime.device(silo, cfg)
+    result = evaluate(model, data.x_test, data.y_test, device, runtime.eval_batch(cfg))
+    log.info(
+        "silo %s round %s: target test acc %.4f",
+        silo.domain,
+        cfg.get("server-round"),
+        result["test-accuracy"],
+    )
+    content = RecordDict(
+        {
+            METRICS: MetricRecord({"num-examples": len(data.y_test), **result}),
+            SILO: runtime.silo_record(silo),
+            **_embeddings(model, data, cfg, device),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+def vote_and_fine_tune(message: Message, context: Context) -> Message:
+    """``train.vote``: vote pseudo-labels with the source models, fine-tune, evaluate, embed."""
+    from fedalign.models import get_weights
+    from fedalign.train import evaluate
+    from fedalign.workspace import VoteConfig, fine_tune, pseudo_label, sample_indices
+
+    silo, cfg, data = runtime.setup(message, context)
+    _require_target(silo.role)
+    device = runtime.device(silo, cfg)
+    batch = runtime.eval_batch(cfg)
+    model = runtime.build(cfg, message.content[ARRAYS])
+    sources = {
+        domain: runtime.build(cfg, record)
+        for key, record in message.content.array_records.items()
+        if (domain := source_domain(key))
+    }
+    if not sources:
+        raise ValueError("train.vote carried no source models")
+    rnd = int(cfg.get("server-round", 0))
+    vote_cfg = VoteConfig(
+        samples=int(cfg.get("vote-samples", 2048)),
+        soft=bool(cfg.get("soft-vote", False)),
+        min_agreement=float(cfg.get("min-agreement", 0.0)),
+        finetune_steps=int(cfg.get("finetune-steps", 32)),
+    )
+    start = time.perf_counter()
+    idx = sample_indices(len(data.x_train), vote_cfg.samples, int(cfg.get("seed", 0)) + rnd)
+    labels, mask, stats = pseudo_label(
+        sources, data.x_train[idx], device, vote_cfg, data.y_train[idx]
+    )
+    source_acc = {
+        f"model-{domain}-test-accuracy": evaluate(m, data.x_test, data.y_test, device, batch)[
+            "test-accuracy"
+        ]
+        for domain, m in sources.items()
+    }
+    averaged = evaluate(model, data.x_test, data.y_test, device, batch)
+    vote_seconds = time.perf_counter() - start
+    tag = f"silo {silo.domain} round {rnd}:"
+    alpha = float(cfg.get("alpha", 1.0))
+    tuned = fine_tune(
+        model,
+        data.x_train[idx][mask],
+        labels[mask],
+        runtime.train_config(cfg, silo),
+        vote_cfg.finetune_steps,
+        alpha,
+        device,
+        tag,
+    )
+    result = evaluate(model, data.x_test, data.y_test, device, batch)
+    metrics = {
+        "num-examples": int(mask.sum()),
+        **result,
+        "averaged-test-accuracy": averaged["test-accuracy"],
+        "group-effect": averaged["test-accuracy"] - float(np.mean(list(source_acc.values()))),
+        **{k: v for k, v in stats.items() if k in STAT_KEYS},
+        **source_acc,
+        **tuned,
+        "alpha": alpha,
+        "vote-seconds": vote_seconds,
+    }
+    log.info(
+        "%s vote agreement %.3f, kept %.3f, pseudo-label acc %s; target acc averaged %.4f -> "
+        "fine-tuned %.4f",
+        tag,
+        stats["agreement"],
+        stats["kept_fraction"],
+        f"{stats['pseudo_label_accuracy']:.4f}" if "pseudo_label_accuracy" in stats else "n/a",
+        averaged["test-accuracy"],
+        result["test-accuracy"],
+    )
+    content = RecordDict(
+        {
+            ARRAYS: to_record(get_weights(model)),
+            METRICS: MetricRecord({k.replace("_", "-"): float(v) for k, v in metrics.items()}),
+            SILO: runtime.silo_record(silo),
+            **_embeddings(model, data, cfg, device),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+STAT_KEYS = ("agreement", "kept_fraction", "pseudo_label_accuracy")

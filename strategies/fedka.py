@@ -1,0 +1,242 @@
+"""FedKA — Federated Knowledge Alignment (Sun, Chong, Ochiai, ACML 2022), and FedVote.
+
+The target silo is FedKA's "global workspace". A round is two message phases:
+
+A. ``train`` to every source, with the global model and (alignment on) the target embeddings
+   of the previous round. Sources minimise cross-entropy + alpha * MK-MMD(own features,
+   target embeddings), evaluate the received model on their own test split, and reply with
+   their weights. The server aggregates them (FedAvg).
+B. ``train.vote`` to the target silo, with the aggregate and every source model. It votes
+   pseudo-labels with the source models, fine-tunes the aggregate on them (loss * alpha),
+   evaluates, and replies with the fine-tuned weights, the next round's embeddings and the
+   vote statistics. With voting off, ``query.embed`` only evaluates and embeds.
+
+Before round 1 one ``query.embed`` phase gets the initial embeddings and the untrained model's
+target accuracy; after the last round the sources evaluate the final model.
+FedVote is this strategy with alignment off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from fedalign.align import alpha_schedule
+from fedalign.config import Silo
+from fedalign.errors import FederationError
+from fedalign.runlog import RunRecorder
+from strategies.fedavg import SiloFedAvg
+from strategies.utils import (
+    ARRAYS,
+    CONFIG,
+    EMBED,
+    EMBEDDINGS,
+    METRICS,
+    VOTE,
+    source_model_key,
+)
+
+log = logging.getLogger("fedalign.strategy")
+
+
+class FedKA(SiloFedAvg):
+    """Federated knowledge alignment: MK-MMD alignment + federated vote + fine-tuning.
+
+    Parameters
+    ----------
+    roster, recorder, num_rounds, min_sources
+        As for :class:`SiloFedAvg`.
+    align : bool (default: True)
+        Sources add ``mmd_weight * alpha(p) * MK-MMD`` to their loss (off: FedVote).
+    vote : bool (default: True)
+        The target silo votes pseudo-labels and fine-tunes the aggregate.
+    start_from : {"finetuned", "averaged"} (default: "finetuned")
+        Which model the next round starts from; "averaged" reproduces the official notebook
+        (the fine-tuned model then serves embeddings and evaluation only).
+    mmd_weight : float (default: 1.0)
+        Multiplies alpha(p) for the alignment term.
+    target_config : dict
+        Sent to the target silo: embed-samples, vote-samples, soft-vote, min-agreement,
+        finetune-steps, kernel-mul, kernel-num.
+    """
+
+    def __init__(
+        self,
+        roster: dict[int, Silo],
+        recorder: RunRecorder,
+        num_rounds: int,
+        min_sources: int = 1,
+        align: bool = True,
+        vote: bool = True,
+        start_from: str = "finetuned",
+        mmd_weight: float = 1.0,
+        target_config: dict[str, float | int | bool] | None = None,
+    ) -> None:
+        super().__init__(roster, recorder, num_rounds, min_sources)
+        targets = [s.domain for s in roster.values() if s.role == "target"]
+        if len(targets) != 1:
+            raise FederationError(
+                f"FedKA needs exactly one target silo (role=target), found {len(targets)}"
+                f"{': ' + ', '.join(sorted(targets)) if targets else ''}; fix the node-configs"
+            )
+        if start_from not in ("finetuned", "averaged"):
+            raise FederationError(f"strategy.start_from={start_from!r} (use finetuned or averaged)")
+        self.align = align
+        self.vote = vote
+        self.start_from = start_from
+        self.mmd_weight = mmd_weight
+        self.target_config = dict(target_config or {})
+        self.embeddings: ArrayRecord | None = None
+        self.next_arrays: ArrayRecord | None = None
+        self.round_start: ArrayRecord | None = None
+        self.round_aggregate: ArrayRecord | None = None
+        self.train_config = ConfigRecord()
+
+    def alpha(self, server_round: int) -> float:
+        """alpha(p) with p = server_round / num_rounds, the training progress after it."""
+        return alpha_schedule(server_round / self.num_rounds)
+
+    # Before round 1 ----------------------------------------------------------------------
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: object = None,
+    ) -> Result:
+        self.train_config = train_config or ConfigRecord()
+        self.timeout = timeout
+        self.start_phase(grid)
+        replies = self.ask_target(grid, EMBED, 0, initial_arrays)
+        self.take_target_reply(0, replies, initial_arrays)
+        self.end_phase(0)
+        return super().start(
+            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
+        )
+
+    # Phase A: sources ----------------------------------------------------------------------
+    def train_content(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord
+    ) -> RecordDict:
+        extra: dict[str, float] = {}
+        content = RecordDict({ARRAYS: arrays})
+        if self.align and self.embeddings is not None:
+            content[EMBEDDINGS] = self.embeddings
+            extra = {
+                "mmd-weight": self.mmd_weight * self.alpha(server_round),
+                "kernel-mul": float(self.target_config.get("kernel-mul", 2.0)),
+                "kernel-num": int(self.target_config.get("kernel-num", 5)),
+            }
+        content[CONFIG] = ConfigRecord({**config, **extra})
+        return content
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        arrays = self.next_arrays if self.next_arrays is not None else arrays
+        self.round_start = arrays
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        return [m for m in messages if m.metadata.message_type == "train"]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        self.round_aggregate = arrays if arrays is not None else self.round_start
+        mmds = [m["mmd"] for m in self.recorder.silos[server_round].values() if "mmd" in m]
+        if mmds:
+            self.recorder.metrics(server_round, mmd=sum(mmds) / len(mmds))
+        return arrays, metrics
+
+    # Phase B: the target silo ------------------------------------------------------------
+    def ask_target(
+        self, grid: Grid, message_type: str, server_round: int, arrays: ArrayRecord
+    ) -> list[Message]:
+        content = RecordDict({ARRAYS: arrays})
+        if message_type == VOTE:
+            for domain, model in self.source_models.items():
+                content[source_model_key(domain)] = model
+        config = {
+            **self.train_config,
+            **self.target_config,
+            "server-round": server_round,
+            "alpha": self.alpha(server_round),
+            "embed-samples": int(self.target_config.get("embed-samples", 512)) if self.align else 0,
+        }
+        content[CONFIG] = ConfigRecord(config)
+        messages = self.messages(self.nodes("target", grid), content, message_type)
+        return list(grid.send_and_receive(messages, timeout=self.timeout))
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # Phase B runs here, where Flower's loop has the aggregate of this round.
+        self.start_phase(grid)
+        kind = VOTE if self.vote and self.source_models else EMBED
+        replies = self.ask_target(grid, kind, server_round, self.round_aggregate)
+        self.take_target_reply(server_round, replies, self.round_aggregate)
+        self.end_phase(server_round)
+        return []
+
+    def take_target_reply(
+        self, server_round: int, replies: list[Message], aggregate: ArrayRecord
+    ) -> None:
+        """Record the target's metrics; keep its fine-tuned weights and embeddings."""
+        replies = self.drop_errors(replies, f"round {server_round} target")
+        if not replies:
+            log.warning(
+                "round %d: no reply from the target silo; the round keeps the aggregate",
+                server_round,
+            )
+            self.next_arrays, self.final_arrays = None, aggregate
+            return
+        reply = replies[0]
+        metrics = dict(reply.content[METRICS])
+        domain = self.domain(reply.metadata.src_node_id)
+        self.recorder.silo(server_round, domain, metrics)
+        tuned = reply.content.array_records.get(ARRAYS)
+        if tuned is not None and not same_layout(tuned, aggregate):
+            log.warning(
+                "round %d: ignored the target's fine-tuned weights (they do not match the model)",
+                server_round,
+            )
+            tuned = None
+        self.final_arrays = tuned if tuned is not None else aggregate
+        self.next_arrays = tuned if tuned is not None and self.start_from == "finetuned" else None
+        if EMBEDDINGS in reply.content.array_records:
+            self.embeddings = reply.content[EMBEDDINGS]
+        self.recorder.metrics(server_round, **diagnostics(metrics))
+
+    def final_evaluation_nodes(self, grid: Grid) -> list[int]:
+        return self.nodes("source", grid)  # the target evaluated the final model in phase B
+
+
+def same_layout(a: ArrayRecord, b: ArrayRecord) -> bool:
+    """Same array names, shapes and dtypes."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in a.items()} == {
+        k: (tuple(v.shape), v.dtype) for k, v in b.items()
+    }
+
+
+def diagnostics(metrics: dict[str, float]) -> dict[str, float]:
+    """Round-level FedKA diagnostics from the target silo's reply metrics."""
+    names = {
+        "agreement": "vote_agreement",
+        "kept-fraction": "vote_kept_fraction",
+        "pseudo-label-accuracy": "pseudo_label_accuracy",
+        "group-effect": "group_effect",
+        "averaged-test-accuracy": "averaged_target_accuracy",
+    }
+    return {
+        new: float(metrics[old])
+        for old, new in names.items()
+        if old in metrics and math.isfinite(float(metrics[old]))
+    }
