@@ -8,7 +8,16 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client import runtime
 from fedalign.config import ConfigError
-from strategies.utils import ARRAYS, EMBEDDINGS, METRICS, SILO, from_record, to_record
+from strategies.utils import (
+    ARRAYS,
+    EMBEDDINGS,
+    FISHER,
+    FISHER_SCALE,
+    METRICS,
+    SILO,
+    from_record,
+    to_record,
+)
 
 log = logging.getLogger("fedalign.client")
 OPTIMIZER = "optimizer"  # Context.state keys: the local optimizer survives across rounds
@@ -65,7 +74,40 @@ def train(message: Message, context: Context) -> Message:
             SILO: runtime.silo_record(silo),
         }
     )
+    if cfg.get("fisher", False):
+        attach_fisher(content, model, data, cfg, device, train_cfg.seed, tag)
     return Message(content, reply_to=message)
+
+
+def attach_fisher(
+    content: RecordDict, model: object, data: object, cfg: dict, device: object, seed: int, tag: str
+) -> None:
+    """Add the diagonal Fisher of the trained model (and its cost) to the reply."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from fedalign.fisher import diagonal_fisher, pack_float16
+    from fedalign.train import to_input
+
+    mode, count = str(cfg.get("fisher-mode", "exact")), int(cfg.get("fisher-samples", 512))
+    idx = np.random.default_rng(seed).permutation(len(data.x_train))[:count]
+    x, y = data.x_train[idx], data.y_train[idx]
+    batches = [
+        (to_input(x[i : i + 128], device), torch.from_numpy(y[i : i + 128]).to(device))
+        for i in range(0, len(x), 128)
+    ]
+    start = time.perf_counter()
+    fisher = diagonal_fisher(model, batches, mode=mode, n_examples=count, device=device, seed=seed)
+    seconds = time.perf_counter() - start
+    if cfg.get("fisher-transport", "float32") == "float16":
+        halves, scales = pack_float16(fisher)
+        content[FISHER], content[FISHER_SCALE] = to_record(halves), to_record(scales)
+    else:
+        content[FISHER] = to_record(fisher)
+    content[METRICS]["fisher-seconds"] = seconds
+    log.info("%s %s Fisher of %d examples in %.2f s", tag, mode, len(x), seconds)
 
 
 def _meta(cfg: dict) -> dict[str, str]:

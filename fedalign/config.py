@@ -122,7 +122,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "model.name", tuple(sorted(MODELS)))
     if "vote" in cfg.strategy:  # FedKA / FedVote settings
         _choice(cfg, "strategy.start_from", ("finetuned", "averaged"))
-        _choice(cfg, "strategy.aggregation", ("fedavg",))
+        _choice(cfg, "strategy.aggregation", ("fedavg", "fisher"))
         for key in ("vote_samples", "embed_samples", "kernel_num"):
             _number(cfg, f"strategy.{key}")
         _number(cfg, "strategy.finetune_steps", minimum=0)
@@ -130,6 +130,12 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "strategy.kernel_mul", float, minimum=1e-9)
         agreement = _number(cfg, "strategy.min_agreement", float, minimum=0)
         _require(agreement <= 1, f"strategy.min_agreement={agreement} must be in [0, 1]")
+    if "fisher" in cfg.strategy:
+        _choice(cfg, "strategy.fisher.mode", ("exact", "empirical", "sampled"))
+        _choice(cfg, "strategy.fisher.weighting", ("examples", "uniform"))
+        _choice(cfg, "strategy.fisher.transport", ("float32", "float16"))
+        _number(cfg, "strategy.fisher.samples")
+        _number(cfg, "strategy.fisher.floor", float, minimum=1e-30)
     device = str(cfg.device)
     _require(
         device in ("auto", "cpu") or device.startswith("cuda"),

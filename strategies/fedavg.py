@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -29,6 +29,12 @@ log = logging.getLogger("fedalign.strategy")
 # Train metrics that describe the received model, not the local update.
 RECEIVED_KEYS = ("received-test-accuracy", "received-test-loss")
 
+# Combines validated train replies (sorted by silo) into the new global model and metrics;
+# ``client_config`` lists config keys every source must receive (e.g. to send a Fisher).
+Aggregator = Callable[
+    [int, list[Message], list[str]], tuple[ArrayRecord | None, MetricRecord | None]
+]
+
 
 class SiloFedAvg(FedAvg):
     """FedAvg whose sources train and whose target silo only evaluates.
@@ -44,6 +50,8 @@ class SiloFedAvg(FedAvg):
         when no round could aggregate, where Flower's ``Result.arrays`` stays empty).
     min_sources : int (default: 1)
         Minimum valid source replies needed to aggregate a round.
+    aggregator : Aggregator, optional
+        Replaces FedAvg's weighted average (e.g. ``FisherAggregator``).
     """
 
     def __init__(
@@ -52,6 +60,7 @@ class SiloFedAvg(FedAvg):
         recorder: RunRecorder,
         num_rounds: int,
         min_sources: int = 1,
+        aggregator: Aggregator | None = None,
     ) -> None:
         sources = [n for n, s in roster.items() if s.role == "source"]
         super().__init__(
@@ -63,6 +72,7 @@ class SiloFedAvg(FedAvg):
         self.recorder = recorder
         self.num_rounds = num_rounds
         self.min_sources = min_sources
+        self.aggregator = aggregator
         self.final_arrays: ArrayRecord | None = None
         self.source_models: dict[str, ArrayRecord] = {}
         self.timeout: float | None = None
@@ -172,7 +182,8 @@ class SiloFedAvg(FedAvg):
                 f"strategy.min_sources={self.min_sources}"
             )
         self._sent = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
-        config = ConfigRecord({**config, "server-round": server_round})
+        extra = getattr(self.aggregator, "client_config", {})
+        config = ConfigRecord({**config, **extra, "server-round": server_round})
         log.info(
             "round %d/%d: training on %s",
             server_round,
@@ -229,8 +240,13 @@ class SiloFedAvg(FedAvg):
             )
             self.end_phase(server_round)
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, trained)
-        self.final_arrays = arrays
+        if self.aggregator is None:
+            arrays, metrics = super().aggregate_train(server_round, trained)
+        else:
+            domains = [self.domain(r.metadata.src_node_id) for r in trained]
+            arrays, metrics = self.aggregator(server_round, trained, domains)
+        if arrays is not None:
+            self.final_arrays = arrays
         self.end_phase(server_round)
         return arrays, metrics
 

@@ -30,7 +30,7 @@ from fedalign.align import alpha_schedule
 from fedalign.config import Silo
 from fedalign.errors import FederationError
 from fedalign.runlog import RunRecorder
-from strategies.fedavg import SiloFedAvg
+from strategies.fedavg import Aggregator, SiloFedAvg
 from strategies.utils import (
     ARRAYS,
     CONFIG,
@@ -63,6 +63,8 @@ class FedKA(SiloFedAvg):
     target_config : dict
         Sent to the target silo: embed-samples, vote-samples, soft-vote, min-agreement,
         finetune-steps, kernel-mul, kernel-num.
+    aggregator : Aggregator, optional
+        How source models are combined (default FedAvg; ``FisherAggregator`` for Fisher).
     """
 
     def __init__(
@@ -76,8 +78,9 @@ class FedKA(SiloFedAvg):
         start_from: str = "finetuned",
         mmd_weight: float = 1.0,
         target_config: dict[str, float | int | bool] | None = None,
+        aggregator: Aggregator | None = None,
     ) -> None:
-        super().__init__(roster, recorder, num_rounds, min_sources)
+        super().__init__(roster, recorder, num_rounds, min_sources, aggregator)
         targets = [s.domain for s in roster.values() if s.role == "target"]
         if len(targets) != 1:
             raise FederationError(

@@ -8,8 +8,26 @@ from fedalign.config import ConfigError, Silo
 from fedalign.runlog import RunRecorder
 from strategies.fedavg import SiloFedAvg
 from strategies.fedka import FedKA
+from strategies.fisher import FisherAggregator, FisherMerge, FisherSettings
 
-STRATEGIES = ("fedavg", "fedka", "fedvote")
+STRATEGIES = ("fedavg", "fisher", "fedka", "fedvote", "fedka_fisher")
+
+
+def fisher_parts(cfg: Any) -> tuple[FisherSettings, set[str]]:
+    """Fisher settings from ``strategy.fisher`` and the model's parameter names."""
+    from fedalign.models import build_model
+
+    f = cfg.strategy.fisher
+    settings = FisherSettings(
+        mode=str(f.mode),
+        samples=int(f.samples),
+        floor=float(f.floor),
+        normalize=bool(f.normalize),
+        weighting=str(f.weighting),
+        transport=str(f.transport),
+    )
+    model = build_model(cfg.model.name, int(cfg.model.num_classes), int(cfg.model.in_channels))
+    return settings, {name for name, _ in model.named_parameters()}
 
 
 def build_strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> SiloFedAvg:
@@ -18,11 +36,11 @@ def build_strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> 
     common = {"num_rounds": int(cfg.rounds), "min_sources": int(s.min_sources)}
     if s.name == "fedavg":
         return SiloFedAvg(roster, recorder, **common)
-    if s.name in ("fedka", "fedvote"):
-        if s.aggregation != "fedavg":
-            raise ConfigError(
-                f"config: strategy.aggregation={s.aggregation!r} is not available (use fedavg)"
-            )
+    if s.name == "fisher":
+        settings, names = fisher_parts(cfg)
+        return FisherMerge(roster, recorder, **common, settings=settings, parameter_names=names)
+    if s.name in ("fedka", "fedvote", "fedka_fisher"):
+        aggregator = FisherAggregator(*fisher_parts(cfg)) if s.aggregation == "fisher" else None
         return FedKA(
             roster,
             recorder,
@@ -40,5 +58,6 @@ def build_strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> 
                 "kernel-mul": float(s.kernel_mul),
                 "kernel-num": int(s.kernel_num),
             },
+            aggregator=aggregator,
         )
     raise ConfigError(f"config: strategy.name={s.name!r} (known: {', '.join(STRATEGIES)})")

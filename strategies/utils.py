@@ -21,6 +21,8 @@ CONFIG = "config"
 METRICS = "metrics"
 SILO = "silo"
 EMBEDDINGS = "embeddings"  # target-domain features (M x D), FedKA's alignment anchors
+FISHER = "fisher"  # a source's diagonal Fisher, one array per parameter
+FISHER_SCALE = "fisher-scale"  # per-array scales of a float16-transported Fisher
 
 
 def source_model_key(domain: str) -> str:

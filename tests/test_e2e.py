@@ -275,3 +275,32 @@ def test_fedka_deployment_and_its_boundary_audit(digits_cache, tmp_path):
         if row["direction"] == "received" and row["silo"] != "mnistm":
             assert set(row.get("arrays", {})) <= {"arrays"}, row  # sources send weights only
     assert marked_pids(marker) == []
+
+
+def test_fisher_merge_deployment_with_float16_fishers(digits_cache, tmp_path):
+    marker = uuid.uuid4().hex
+    args = overrides(
+        digits_cache,
+        tmp_path,
+        "strategy=fisher",
+        "strategy.fisher.samples=64",
+        "strategy.fisher.transport=float16",
+        "wandb.mode=disabled",
+    )
+    done = run_cli(["run", *args], marker)
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = run_folder(done.stdout)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["final_target_accuracy"] > summary["initial_target_accuracy"] + 0.1
+    from fedalign.models import build_model
+
+    params = {n: list(p.shape) for n, p in build_model("digit_cnn").named_parameters()}
+    audit = [json.loads(row) for row in (folder / "boundary.jsonl").read_text().splitlines()]
+    replies = [r for r in audit if r["direction"] == "received" and r["type"] == "train"]
+    assert len(replies) == 4  # 2 sources x 2 rounds
+    for row in replies:
+        fisher = row["arrays"]["fisher"]
+        assert {k: shape for k, (_, shape) in fisher.items()} == params
+        assert {dtype for dtype, _ in fisher.values()} == {"float16"}
+        assert set(row["arrays"]["fisher-scale"]) == set(params)
+    assert marked_pids(marker) == []

@@ -1,0 +1,156 @@
+"""Fisher-weighted merging (Matena & Raffel, NeurIPS 2022) as a Flower strategy.
+
+Each source's train reply carries, next to its weights (``arrays``), the diagonal Fisher of its
+parameters (``fisher``; with float16 transport also ``fisher-scale``). The server merges every
+parameter as ``sum_i lambda_i F~_ij theta_ij / sum_i lambda_i F~_ij`` (``fedalign.merge``);
+BatchNorm running statistics have no Fisher and are averaged by example count. A reply whose
+Fisher is missing or malformed is left out of that round's merge, with a log line.
+
+``FisherAggregator`` is the merge on its own, so FedKA can use it in place of FedAvg.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fedalign.config import Silo
+from fedalign.fisher import unpack_float16
+from fedalign.merge import average_buffers, fisher_merge
+from fedalign.runlog import RunRecorder
+from strategies.fedavg import SiloFedAvg
+from strategies.utils import ARRAYS, FISHER, FISHER_SCALE, METRICS, from_record, to_record
+
+log = logging.getLogger("fedalign.strategy")
+
+
+@dataclass(frozen=True)
+class FisherSettings:
+    """What the sources compute and how the server merges (conf/fisher/default.yaml)."""
+
+    mode: str = "exact"
+    samples: int = 512
+    floor: float = 1e-6
+    normalize: bool = True
+    weighting: str = "examples"
+    transport: str = "float32"
+
+    def client_config(self) -> dict[str, object]:
+        """Keys added to every ``train`` config so that sources send a Fisher."""
+        return {
+            "fisher": True,
+            "fisher-mode": self.mode,
+            "fisher-samples": self.samples,
+            "fisher-transport": self.transport,
+        }
+
+
+class FisherAggregator:
+    """Merges validated train replies by Fisher; a drop-in for FedAvg's aggregation.
+
+    Parameters
+    ----------
+    settings : FisherSettings
+        Floor, normalisation and silo weighting of the merge.
+    parameter_names : set[str]
+        The model's parameters; every other array (BatchNorm statistics) is averaged.
+    """
+
+    def __init__(self, settings: FisherSettings, parameter_names: set[str]) -> None:
+        self.settings = settings
+        self.parameter_names = parameter_names
+        self.client_config = settings.client_config()
+
+    def fisher_of(self, reply: Message) -> dict[str, np.ndarray] | str:
+        """The reply's Fisher as float32 arrays, or why it cannot be used."""
+        records = reply.content.array_records
+        if FISHER not in records:
+            return "no fisher record"
+        raw = from_record(records[FISHER])
+        if set(raw) != self.parameter_names:
+            return f"fisher names {sorted(set(raw) ^ self.parameter_names)[:3]} do not match"
+        if FISHER_SCALE in records:
+            scales = from_record(records[FISHER_SCALE])
+            if set(scales) != set(raw) or any(s.shape != (1,) for s in scales.values()):
+                return "fisher-scale does not match the fisher record"
+            raw = unpack_float16(raw, scales)
+        weights = records[ARRAYS]
+        for name, values in raw.items():
+            if tuple(values.shape) != tuple(weights[name].shape):
+                return f"fisher '{name}' has shape {list(values.shape)}"
+            if values.dtype not in (np.float16, np.float32, np.float64):
+                return f"fisher '{name}' has dtype {values.dtype}"
+            if not np.isfinite(values).all() or (values < 0).any():
+                return f"fisher '{name}' has negative or non-finite values"
+        return {name: values.astype(np.float32, copy=False) for name, values in raw.items()}
+
+    def __call__(
+        self, server_round: int, replies: list[Message], domains: list[str]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        merged_from, fishers = [], []
+        for reply, domain in zip(replies, domains, strict=True):
+            fisher = self.fisher_of(reply)
+            if isinstance(fisher, str):
+                log.warning(
+                    "round %d: %s left out of the Fisher merge: %s", server_round, domain, fisher
+                )
+                continue
+            merged_from.append(reply)
+            fishers.append(fisher)
+        if not merged_from:
+            log.warning("round %d: no usable Fisher; the global model is kept", server_round)
+            return None, None
+        weights = [from_record(r.content[ARRAYS]) for r in merged_from]
+        counts = [float(r.content[METRICS]["num-examples"]) for r in merged_from]
+        names = list(weights[0])
+        params = [n for n in names if n in self.parameter_names]
+        buffers = [n for n in names if n not in self.parameter_names]
+        merged = dict(
+            zip(
+                params,
+                fisher_merge(
+                    [[w[n] for n in params] for w in weights],
+                    [[f[n] for n in params] for f in fishers],
+                    weights=counts if self.settings.weighting == "examples" else None,
+                    floor=self.settings.floor,
+                    normalize=self.settings.normalize,
+                ),
+                strict=True,
+            )
+        )
+        if buffers:
+            averaged = average_buffers([[w[n] for n in buffers] for w in weights], counts)
+            merged.update(zip(buffers, averaged, strict=True))
+        metrics = aggregate_metricrecords([r.content for r in merged_from], "num-examples")
+        metrics["fisher-silos"] = len(merged_from)
+        return to_record({n: merged[n] for n in names}), metrics
+
+
+class FisherMerge(SiloFedAvg):
+    """FedAvg's round structure with Fisher-weighted merging of the source models.
+
+    Parameters
+    ----------
+    roster, recorder, num_rounds, min_sources
+        As for :class:`SiloFedAvg`.
+    settings : FisherSettings
+        Fisher computation (sent to the sources) and merge settings.
+    parameter_names : set[str]
+        The model's parameter names (the rest are BatchNorm statistics).
+    """
+
+    def __init__(
+        self,
+        roster: dict[int, Silo],
+        recorder: RunRecorder,
+        num_rounds: int,
+        min_sources: int = 1,
+        settings: FisherSettings | None = None,
+        parameter_names: set[str] | None = None,
+    ) -> None:
+        aggregator = FisherAggregator(settings or FisherSettings(), parameter_names or set())
+        super().__init__(roster, recorder, num_rounds, min_sources, aggregator=aggregator)
