@@ -76,6 +76,7 @@ class SiloFedAvg(FedAvg):
         self.final_arrays: ArrayRecord | None = None
         self.source_models: dict[str, ArrayRecord] = {}
         self.timeout: float | None = None
+        self.train_config = ConfigRecord()
         self.evaluate_config = ConfigRecord()
         self._sent: dict[str, tuple[tuple[int, ...], str]] = {}
         self._phase_start = 0.0
@@ -158,12 +159,17 @@ class SiloFedAvg(FedAvg):
         """Flower's round loop, then one evaluation of the final model (see module doc)."""
         self.final_arrays = initial_arrays
         self.timeout = timeout
+        self.train_config = train_config or ConfigRecord()
         self.evaluate_config = evaluate_config or ConfigRecord()
+        self.before_rounds(grid, initial_arrays)
         result = super().start(
             grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
         )
         self.evaluate_final(grid)
         return result
+
+    def before_rounds(self, grid: Grid, initial_arrays: ArrayRecord) -> None:
+        """A hook for work before round 1 (FedKA asks the target silo for embeddings)."""
 
     def train_content(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord

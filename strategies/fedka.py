@@ -24,7 +24,6 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
 
 from fedalign.align import alpha_schedule
 from fedalign.config import Silo
@@ -98,32 +97,18 @@ class FedKA(SiloFedAvg):
         self.next_arrays: ArrayRecord | None = None
         self.round_start: ArrayRecord | None = None
         self.round_aggregate: ArrayRecord | None = None
-        self.train_config = ConfigRecord()
 
     def alpha(self, server_round: int) -> float:
         """alpha(p) with p = server_round / num_rounds, the training progress after it."""
         return alpha_schedule(server_round / self.num_rounds)
 
     # Before round 1 ----------------------------------------------------------------------
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: object = None,
-    ) -> Result:
-        self.train_config = train_config or ConfigRecord()
-        self.timeout = timeout
+    def before_rounds(self, grid: Grid, initial_arrays: ArrayRecord) -> None:
+        """One ``query.embed`` phase: first embeddings and the untrained model's accuracy."""
         self.start_phase(grid)
         replies = self.ask_target(grid, EMBED, 0, initial_arrays)
         self.take_target_reply(0, replies, initial_arrays)
         self.end_phase(0)
-        return super().start(
-            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
-        )
 
     # Phase A: sources ----------------------------------------------------------------------
     def train_content(

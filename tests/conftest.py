@@ -33,6 +33,26 @@ def task_identity() -> None:
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
+def silo_config(cache: Path | str, **extra: object) -> dict:
+    """What the server tells a silo in a message (data, model, training), for tests."""
+    return {
+        "data-source": "digits5",
+        "data-seed": 0,
+        "data-cache-dir": str(cache),
+        "model": "digit_cnn",
+        "num-classes": 10,
+        "in-channels": 3,
+        "device": "cpu",
+        "seed": 0,
+        "local-steps": 15,
+        "batch-size": 32,
+        "lr": 1e-3,
+        "optimizer": "adam",
+        "server-round": 1,
+        **extra,
+    }
+
+
 def make_context(node_id: int, node_config: dict, run_config: dict | None = None) -> Context:
     return Context(
         run_id=0,

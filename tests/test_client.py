@@ -10,28 +10,13 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from client.app import app as client_app
 from fedalign.models import build_model, get_weights
 from strategies.utils import ARRAYS, CONFIG, METRICS, SILO, from_record, to_record
-from tests.conftest import make_context
+from tests.conftest import make_context, silo_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def train_config(cache, **extra) -> ConfigRecord:
-    base = {
-        "data-source": "digits5",
-        "data-seed": 0,
-        "data-cache-dir": str(cache),
-        "model": "digit_cnn",
-        "num-classes": 10,
-        "in-channels": 3,
-        "device": "cpu",
-        "seed": 0,
-        "local-steps": 15,
-        "batch-size": 32,
-        "lr": 1e-3,
-        "optimizer": "adam",
-        "server-round": 1,
-    }
-    return ConfigRecord({**base, **extra})
+    return ConfigRecord(silo_config(cache, **extra))
 
 
 def initial_weights(name: str = "digit_cnn") -> dict[str, np.ndarray]:

@@ -27,29 +27,12 @@ from strategies.utils import (
     to_config,
     to_record,
 )
-from tests.conftest import InProcessGrid, make_context
+from tests.conftest import InProcessGrid, make_context, silo_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 NODES = {11: ("mnist", "source"), 12: ("usps", "source"), 13: ("mnistm", "target")}
 TARGET = {"embed-samples": 64, "vote-samples": 256, "finetune-steps": 8, "kernel-num": 5}
-
-
-def base_config(cache, **extra) -> dict:
-    return {
-        "data-source": "digits5",
-        "data-seed": 0,
-        "data-cache-dir": str(cache),
-        "model": "digit_cnn",
-        "device": "cpu",
-        "seed": 0,
-        "local-steps": 15,
-        "batch-size": 32,
-        "lr": 1e-3,
-        "optimizer": "adam",
-        "server-round": 1,
-        **extra,
-    }
 
 
 def weights(seed: int = 0) -> dict[str, np.ndarray]:
@@ -66,7 +49,7 @@ def call(message_type: str, node: tuple[str, str], content: RecordDict, context=
 # Target-silo handlers -----------------------------------------------------------------------
 def test_embed_returns_m_embeddings_and_the_target_accuracy(digits_cache):
     content = RecordDict(
-        {ARRAYS: to_record(weights()), CONFIG: ConfigRecord(base_config(digits_cache, **TARGET))}
+        {ARRAYS: to_record(weights()), CONFIG: ConfigRecord(silo_config(digits_cache, **TARGET))}
     )
     reply = call("query.embed", ("mnistm", "target"), content)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
@@ -80,10 +63,10 @@ def test_vote_fine_tunes_and_reports_vote_statistics(digits_cache):
     trained = {}
     for domain in ("mnist", "usps"):
         content = RecordDict(
-            {ARRAYS: to_record(weights()), CONFIG: ConfigRecord(base_config(digits_cache))}
+            {ARRAYS: to_record(weights()), CONFIG: ConfigRecord(silo_config(digits_cache))}
         )
         trained[domain] = call("train", (domain, "source"), content).content[ARRAYS]
-    cfg = base_config(digits_cache, alpha=1.0, **TARGET)
+    cfg = silo_config(digits_cache, alpha=1.0, **TARGET)
     content = RecordDict({ARRAYS: to_record(weights()), CONFIG: ConfigRecord(cfg)})
     for domain, record in trained.items():
         content[source_model_key(domain)] = record
@@ -101,7 +84,7 @@ def test_vote_fine_tunes_and_reports_vote_statistics(digits_cache):
 
 
 def test_vote_threshold_drops_disagreeing_samples(digits_cache):
-    cfg = base_config(digits_cache, alpha=1.0, **{**TARGET, "min-agreement": 1.0})
+    cfg = silo_config(digits_cache, alpha=1.0, **{**TARGET, "min-agreement": 1.0})
     content = RecordDict({ARRAYS: to_record(weights()), CONFIG: ConfigRecord(cfg)})
     content[source_model_key("a")] = to_record(weights(1))
     content[source_model_key("b")] = to_record(weights(2))
@@ -112,7 +95,7 @@ def test_vote_threshold_drops_disagreeing_samples(digits_cache):
 
 def test_source_requests_refused_by_target_and_vice_versa(digits_cache):
     content = RecordDict(
-        {ARRAYS: to_record(weights()), CONFIG: ConfigRecord(base_config(digits_cache, **TARGET))}
+        {ARRAYS: to_record(weights()), CONFIG: ConfigRecord(silo_config(digits_cache, **TARGET))}
     )
     reply = call("query.embed", ("mnist", "source"), content)
     assert reply.has_error() and "only the target silo does" in reply.error.reason
@@ -126,7 +109,7 @@ def test_source_aligns_to_embeddings_and_keeps_optimizer_state(digits_cache):
     context = make_context(5, {"domain": "mnist", "role": "source"})
     steps = []
     for rnd in (1, 2):
-        cfg = base_config(digits_cache, **{"server-round": rnd, "mmd-weight": 0.5})
+        cfg = silo_config(digits_cache, **{"server-round": rnd, "mmd-weight": 0.5})
         content = RecordDict(
             {
                 ARRAYS: to_record(weights()),
@@ -152,7 +135,7 @@ def run_fedka(tmp_path, grid, rounds=2, taps=(), **kwargs):
     metered = MeteredGrid(grid, taps=list(taps))
     roster = discover_silos(metered, silos(cfg), timeout=10, data_config={})
     strategy = FedKA(roster, recorder, num_rounds=rounds, target_config=TARGET, **kwargs)
-    train_cfg = base_config(grid.nodes[11]["data-dir"])
+    train_cfg = silo_config(grid.nodes[11]["data-dir"])
     strategy.start(
         grid=metered,
         initial_arrays=to_record(weights()),

@@ -18,7 +18,7 @@ from server.discovery import discover_silos
 from server.grid import MeteredGrid
 from strategies.fedavg import SiloFedAvg
 from strategies.utils import to_config, to_record
-from tests.conftest import InProcessGrid
+from tests.conftest import InProcessGrid, silo_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -31,18 +31,7 @@ def node_configs(cache, nodes=NODES) -> dict[int, dict]:
 
 
 def train_cfg(cache) -> dict:
-    return {
-        "data-source": "digits5",
-        "data-seed": 0,
-        "data-cache-dir": str(cache),
-        "model": "digit_cnn",
-        "device": "cpu",
-        "seed": 0,
-        "local-steps": 25,
-        "batch-size": 32,
-        "lr": 1e-3,
-        "optimizer": "adam",
-    }
+    return silo_config(cache, **{"local-steps": 25})
 
 
 def run_rounds(tmp_path, grid, rounds=2, min_sources=1):
