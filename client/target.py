@@ -19,6 +19,7 @@ from fedalign.config import ConfigError
 from strategies.utils import ARRAYS, EMBEDDINGS, METRICS, SILO, source_domain, to_record
 
 log = logging.getLogger("fedalign.client")
+STAT_KEYS = ("agreement", "kept_fraction", "pseudo_label_accuracy")  # vote statistics reported
 
 
 def _require_target(role: str) -> None:
@@ -144,5 +145,3 @@ def vote_and_fine_tune(message: Message, context: Context) -> Message:
     )
     return Message(content, reply_to=message)
 
-
-STAT_KEYS = ("agreement", "kept_fraction", "pseudo_label_accuracy")

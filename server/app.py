@@ -1,11 +1,13 @@
 """The ServerApp: holds no data; discovers the silos, runs the strategy, writes the run folder.
 
-Message protocol per run (types as Flower message types):
+Message protocol per run (Flower message types):
 1. ``query.info`` to every node: domain, role, sample counts (checked against the config).
-2. Round r (one phase): ``train`` to sources and ``evaluate`` to the target, with model r-1.
-3. After the last round: ``evaluate`` to every silo with the final model.
-What crosses a silo boundary: model weights (server -> silo, silo -> server), the training
-hyper-parameters, and scalar metrics (counts, losses, accuracies, seconds). Never samples.
+2. The strategy's rounds (``strategies/``): ``train`` to sources, ``evaluate`` /
+   ``query.embed`` / ``train.vote`` to the target silo, a final ``evaluate``.
+What crosses a silo boundary (README, "What crosses a silo boundary"): model weights, the
+training hyper-parameters, scalar metrics, and per strategy the sources' diagonal Fishers
+(``fisher``) or the target silo's M feature embeddings (``fedka``). Never samples, labels or
+predictions. Every message is described in ``boundary.jsonl`` (server/audit.py).
 """
 
 from __future__ import annotations
