@@ -144,4 +144,3 @@ def vote_and_fine_tune(message: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=message)
-

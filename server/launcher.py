@@ -237,8 +237,8 @@ class LocalFederation:
 
     def _check_nodes_alive(self) -> None:
         for proc in self.procs.processes:
-            if proc.exited() is not None and not getattr(proc, "reported", False):
-                proc.reported = True  # type: ignore[attr-defined]
+            if proc.exited() is not None and not proc.reported:
+                proc.reported = True
                 self.echo(f"warning: {proc.name} exited ({proc.exited()}): {proc.last_line()}")
 
     def run_status(self, run_id: str) -> str:

@@ -63,6 +63,7 @@ class ManagedProcess:
     name: str
     popen: subprocess.Popen
     log_path: Path
+    reported: bool = False  # its exit was already told to the user
 
     def exited(self) -> int | None:
         return self.popen.poll()

@@ -141,8 +141,11 @@ class SiloFedAvg(FedAvg):
                 )
             if not np.isfinite(array.numpy()).all():
                 return f"array '{name}' has non-finite values"
-        if content[METRICS].get("num-examples", 0) <= 0:
+        metrics = content[METRICS]
+        if not metrics.get("num-examples", 0) > 0:
             return "metrics lack a positive num-examples"
+        if any(key not in metrics for key in RECEIVED_KEYS):
+            return f"metrics lack {', '.join(RECEIVED_KEYS)}"
         return None
 
     # Flower's loop ------------------------------------------------------------------------
@@ -210,13 +213,14 @@ class SiloFedAvg(FedAvg):
         replies = self.drop_errors(replies, f"round {server_round} train")
         trained = []
         for reply in replies:
-            domain, metrics = self.domain(reply.metadata.src_node_id), reply.content[METRICS]
+            domain = self.domain(reply.metadata.src_node_id)
             if reply.metadata.message_type != MessageType.TRAIN:
                 self.record_evaluation(server_round - 1, reply)
             elif problem := self.train_reply_problem(reply):
                 log.warning("round %d: dropped reply from %s: %s", server_round, domain, problem)
             else:
                 trained.append(reply)
+                metrics = reply.content[METRICS]
                 self.recorder.silo(
                     server_round - 1,
                     domain,
@@ -257,10 +261,15 @@ class SiloFedAvg(FedAvg):
         return arrays, metrics
 
     def record_evaluation(self, rnd: int, reply: Message) -> None:
-        metrics = reply.content[METRICS]
+        """Record an evaluation reply's accuracy and loss (a malformed one is logged)."""
+        domain = self.domain(reply.metadata.src_node_id)
+        metrics = reply.content.metric_records.get(METRICS, {})
+        if not all(isinstance(metrics.get(k), float | int) for k in ("test-accuracy", "test-loss")):
+            log.warning("round %d: evaluation reply from %s lacks its metrics", rnd, domain)
+            return
         self.recorder.silo(
             rnd,
-            self.domain(reply.metadata.src_node_id),
+            domain,
             {"test-accuracy": metrics["test-accuracy"], "test-loss": metrics["test-loss"]},
         )
 

@@ -178,10 +178,14 @@ class FedKA(SiloFedAvg):
         self, server_round: int, replies: list[Message], aggregate: ArrayRecord
     ) -> None:
         """Record the target's metrics; keep its fine-tuned weights and embeddings."""
-        replies = self.drop_errors(replies, f"round {server_round} target")
+        replies = [
+            r
+            for r in self.drop_errors(replies, f"round {server_round} target")
+            if METRICS in r.content.metric_records
+        ]
         if not replies:
             log.warning(
-                "round %d: no reply from the target silo; the round keeps the aggregate",
+                "round %d: no usable reply from the target silo; the round keeps the aggregate",
                 server_round,
             )
             self.next_arrays, self.final_arrays = None, aggregate

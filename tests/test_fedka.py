@@ -260,15 +260,20 @@ def test_source_reply_without_records_is_dropped(tmp_path, digits_cache, caplog)
     assert lines[-1]["vote_agreement"] == 1.0  # one voter agrees with itself
 
 
-def test_target_failure_keeps_the_aggregate_and_the_run_goes_on(tmp_path, digits_cache, caplog):
+@pytest.mark.parametrize("failure", ["error", "empty"])
+def test_target_failure_keeps_the_aggregate_and_the_run_goes_on(
+    tmp_path, digits_cache, caplog, failure
+):
     def break_vote(message, reply):
-        if message.metadata.message_type == "train.vote":
+        if message.metadata.message_type != "train.vote":
+            return reply
+        if failure == "error":
             return Message(Error(100, "silo mnistm: out of memory"), reply_to=message)
-        return reply
+        return Message(RecordDict({ARRAYS: reply.content[ARRAYS]}), reply_to=message)
 
     grid = InProcessGrid(client_app, node_configs(digits_cache), intercept=break_vote)
     with caplog.at_level("WARNING", logger="fedalign.strategy"):
         strategy, lines = run_fedka(tmp_path, grid, rounds=2)
-    assert "no reply from the target silo" in caplog.text
+    assert "no usable reply from the target silo" in caplog.text
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert strategy.final_arrays is strategy.round_aggregate
