@@ -201,6 +201,22 @@ def test_fedvote_sends_no_embeddings(tmp_path, digits_cache):
     assert EMBEDDINGS not in seen and source_model_key("mnist") in seen
 
 
+def test_alignment_without_vote_only_embeds(tmp_path, digits_cache):
+    kinds = []
+    grid = InProcessGrid(client_app, node_configs(digits_cache))
+    strategy, lines = run_fedka(
+        tmp_path,
+        grid,
+        taps=[lambda d, m, s: kinds.append(m.metadata.message_type) if d == "sent" else None],
+        vote=False,
+    )
+    assert "train.vote" not in kinds
+    assert kinds.count("query.embed") == 3  # before round 1, then once per round
+    assert all(isinstance(line["mmd"], float) for line in lines[1:])
+    assert "vote_agreement" not in lines[-1]
+    assert strategy.next_arrays is None  # nothing fine-tuned: rounds go on from the aggregate
+
+
 def test_what_crosses_the_boundary_in_a_fedka_round(tmp_path, digits_cache):
     """Only model weights, target embeddings (M x 800) and scalar metrics/configs cross."""
     records: list[tuple[str, str, str, tuple]] = []
