@@ -22,6 +22,7 @@ from strategies.utils import (
 log = logging.getLogger("fedalign.client")
 OPTIMIZER = "optimizer"  # Context.state keys: the local optimizer survives across rounds
 OPTIMIZER_META = "optimizer-meta"
+BATCHNORM = "local-batchnorm"  # FedBN: this silo's BatchNorm weights and statistics
 
 
 def train(message: Message, context: Context) -> Message:
@@ -32,6 +33,9 @@ def train(message: Message, context: Context) -> Message:
     if silo.role != "source":
         raise ConfigError(f"role {silo.role!r} does not train with labels; only sources do")
     model = runtime.build(cfg, message.content[ARRAYS])
+    local_batchnorm = bool(cfg.get("local-batchnorm", False))
+    if local_batchnorm:
+        restore_batchnorm(context, model)
     device = runtime.device(silo, cfg)
     model.to(device)
     tag = f"silo {silo.domain} round {cfg.get('server-round', 0)}:"
@@ -49,10 +53,20 @@ def train(message: Message, context: Context) -> Message:
             kernel_num=int(cfg.get("kernel-num", 5)),
         )
     fit = train_local(
-        model, data.x_train, data.y_train, train_cfg, device, tag, align=align, optimizer=optimizer
+        model,
+        data.x_train,
+        data.y_train,
+        train_cfg,
+        device,
+        tag,
+        align=align,
+        optimizer=optimizer,
+        proximal_mu=float(cfg.get("proximal-mu", 0.0)),
     )
     if cfg.get("keep-optimizer-state", True):
         save_optimizer(context, optimizer, cfg)
+    if local_batchnorm:
+        save_batchnorm(context, model)
     log.info(
         "%s trained %d steps, loss %.4f%s, received-model test acc %.4f",
         tag,
@@ -131,3 +145,20 @@ def save_optimizer(context: Context, optimizer: object, cfg: dict) -> None:
 
     context.state[OPTIMIZER] = to_record(optimizer_state(optimizer))
     context.state[OPTIMIZER_META] = ConfigRecord(_meta(cfg))
+
+
+def restore_batchnorm(context: Context, model: object) -> None:
+    """FedBN: put this silo's own BatchNorm entries into the received global model."""
+    from fedalign.models import get_weights, set_weights
+
+    if BATCHNORM in context.state:
+        set_weights(model, {**get_weights(model), **from_record(context.state[BATCHNORM])})
+
+
+def save_batchnorm(context: Context, model: object) -> None:
+    from fedalign.models import batchnorm_names, get_weights
+
+    names = batchnorm_names(model)
+    context.state[BATCHNORM] = to_record(
+        {k: v for k, v in get_weights(model).items() if k in names}
+    )

@@ -130,6 +130,8 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "strategy.kernel_mul", float, minimum=1e-9)
         agreement = _number(cfg, "strategy.min_agreement", float, minimum=0)
         _require(agreement <= 1, f"strategy.min_agreement={agreement} must be in [0, 1]")
+    if "proximal_mu" in cfg.strategy:
+        _number(cfg, "strategy.proximal_mu", float, minimum=0)
     if "fisher" in cfg.strategy:
         _choice(cfg, "strategy.fisher.mode", ("exact", "empirical", "sampled"))
         _choice(cfg, "strategy.fisher.weighting", ("examples", "uniform"))

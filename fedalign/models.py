@@ -90,6 +90,16 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> Split
     return MODELS[name](num_classes=num_classes, in_channels=in_channels)
 
 
+def batchnorm_names(model: nn.Module) -> set[str]:
+    """Names of every BatchNorm parameter and statistic in ``model``'s state_dict (FedBN)."""
+    return {
+        f"{module_name}.{key}"
+        for module_name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for key in module.state_dict()
+    }
+
+
 def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's transferable state: every floating-point tensor of its state_dict.
 

@@ -87,11 +87,14 @@ def train_local(
     align: Alignment | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     loss_scale: float = 1.0,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.local_steps`` mini-batches.
 
     Loss per step: ``loss_scale * cross-entropy`` plus, with ``align``,
-    ``align.weight * mk_mmd(features of the batch, a random batch of target embeddings)``.
+    ``align.weight * mk_mmd(features of the batch, a random batch of target embeddings)``,
+    plus, with ``proximal_mu > 0`` (FedProx), ``mu / 2 * ||w - w_start||^2`` over the
+    parameters, where ``w_start`` are the weights the round started from.
     Pass ``optimizer`` to continue its state across rounds (else a fresh one is made).
     Returns mean training loss, accuracy and MMD over the steps, and the wall seconds.
     """
@@ -102,6 +105,7 @@ def train_local(
     optimizer = optimizer or make_optimizer(model, cfg)
     inputs, labels = to_input(x, device), torch.from_numpy(y).to(device)
     anchors = None if align is None else torch.from_numpy(align.embeddings).to(device)
+    start_weights = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     anchor_rng = np.random.default_rng(cfg.seed + 1)
     batch_size = min(cfg.batch_size, len(x))
     sums = {"loss": 0.0, "correct": 0.0, "mmd": 0.0}
@@ -121,6 +125,12 @@ def train_local(
             )
             loss = loss + align.weight * mmd
             sums["mmd"] += mmd.item() * len(idx)
+        if start_weights:
+            drift = sum(
+                (p - p0).square().sum()
+                for p, p0 in zip(model.parameters(), start_weights, strict=True)
+            )
+            loss = loss + proximal_mu / 2 * drift
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{tag or 'silo'}: training loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)

@@ -73,6 +73,7 @@ class SiloFedAvg(FedAvg):
         self.num_rounds = num_rounds
         self.min_sources = min_sources
         self.aggregator = aggregator
+        self.client_config: dict[str, bool | int | float | str] = {}  # added to train configs
         self.final_arrays: ArrayRecord | None = None
         self.source_models: dict[str, ArrayRecord] = {}
         self.timeout: float | None = None
@@ -191,7 +192,7 @@ class SiloFedAvg(FedAvg):
                 f"strategy.min_sources={self.min_sources}"
             )
         self._sent = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
-        extra = getattr(self.aggregator, "client_config", {})
+        extra = {**self.client_config, **getattr(self.aggregator, "client_config", {})}
         config = ConfigRecord({**config, **extra, "server-round": server_round})
         log.info(
             "round %d/%d: training on %s",

@@ -7,10 +7,12 @@ from typing import Any
 from fedalign.config import ConfigError, Silo
 from fedalign.runlog import RunRecorder
 from strategies.fedavg import SiloFedAvg
+from strategies.fedbn import FedBN
 from strategies.fedka import FedKA
+from strategies.fedprox import FedProx
 from strategies.fisher import FisherAggregator, FisherMerge, FisherSettings
 
-STRATEGIES = ("fedavg", "fisher", "fedka", "fedvote", "fedka_fisher")
+STRATEGIES = ("fedavg", "fedprox", "fedbn", "fisher", "fedka", "fedvote", "fedka_fisher")
 
 
 def fisher_parts(cfg: Any) -> tuple[FisherSettings, set[str]]:
@@ -36,6 +38,10 @@ def build_strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> 
     common = {"num_rounds": int(cfg.rounds), "min_sources": int(s.min_sources)}
     if s.name == "fedavg":
         return SiloFedAvg(roster, recorder, **common)
+    if s.name == "fedprox":
+        return FedProx(roster, recorder, **common, proximal_mu=float(s.proximal_mu))
+    if s.name == "fedbn":
+        return FedBN(roster, recorder, **common)
     if s.name == "fisher":
         settings, names = fisher_parts(cfg)
         return FisherMerge(roster, recorder, **common, settings=settings, parameter_names=names)
