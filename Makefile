@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install run simulate test test-fast lint format data montage clean
+.PHONY: help install run simulate test test-fast lint format data montage grid results clean
+PRESET ?= smoke
 
 help:
 	@echo "make run        real local federation (SuperLink + one SuperNode per silo), ARGS='key=value ...'"
@@ -13,6 +14,8 @@ help:
 	@echo "make test       the full test suite (about 5 minutes on 2 cores)"
 	@echo "make test-fast  the suite without the end-to-end process tests"
 	@echo "make data       build/verify the offline Digits-5 cache;  make montage  picture of the domains"
+	@echo "make grid       targets x methods x seeds, resumable: PRESET=smoke (minutes) or full"
+	@echo "make results    regenerate docs/results*.md/.csv/.png from the run folders in results/"
 	@echo "make lint       ruff check + format check"
 
 $(BIN)/fedalign: pyproject.toml
@@ -47,6 +50,12 @@ data: install
 
 montage: install
 	$(BIN)/fedalign data montage --out outputs/digits5-montage.png
+
+grid: install
+	$(BIN)/fedalign grid $(PRESET)
+
+results: install
+	$(BIN)/fedalign results $(PRESET)
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -4,6 +4,9 @@
     fedalign simulate [hydra overrides]     the same in Flower's simulation engine
     fedalign data build [--force]           build/verify the offline Digits-5 cache
     fedalign data montage [--out PNG]       a picture of every domain
+    fedalign grid PRESET [--root DIR]       run a resumable grid (conf/grid/PRESET.yaml) and
+                                            write docs/results*.md, .csv and .png
+    fedalign results PRESET [--root DIR]    regenerate those files from the run folders
 
 Errors a user can fix print one line (``error: ...``) and exit non-zero.
 """
@@ -188,6 +191,29 @@ def data_command(argv: list[str]) -> None:
         print(write_montage(args.out, cache_dir=args.cache_dir, seed=args.seed))
 
 
+def grid_command(action: str, argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog=f"fedalign {action}")
+    parser.add_argument("preset", help="a name in conf/grid/ (smoke, full) or a .yaml path")
+    parser.add_argument("--root", type=Path, default=Path("results"), help="run folders")
+    parser.add_argument("--docs", type=Path, default=Path("docs"), help="where results go")
+    args = parser.parse_args(argv)
+    from fedalign.results import write_results
+    from server.experiments import load_preset, run_grid, settings_line
+
+    preset = load_preset(args.preset)
+    counts = {"failed": 0}
+    if action == "grid":
+        counts = run_grid(preset, args.root.resolve(), echo=_console().print)
+        print(
+            f"grid {preset['name']}: {counts['done']} run, {counts['skipped']} skipped, "
+            f"{counts['failed']} failed"
+        )
+    paths = write_results(preset, args.root, args.docs, settings_line(preset))
+    print(f"results: {paths['md']}")
+    if counts["failed"]:
+        fail(f"{counts['failed']} cell(s) failed; run the same command again to retry them")
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM (e.g. CI or make killed) tears the federation down like Ctrl-C does."""
     raise KeyboardInterrupt
@@ -220,8 +246,10 @@ def main(argv: list[str] | None = None) -> None:
             run_hydra(["federation=simulation", *rest])
         elif command == "data":
             data_command(rest)
+        elif command in ("grid", "results"):
+            grid_command(command, rest)
         else:
-            fail(f"unknown command '{command}' (use run, simulate or data; see fedalign --help)", 2)
+            fail(f"unknown command '{command}' (see fedalign --help)", 2)
     except FedalignError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

@@ -1,0 +1,198 @@
+"""The results table: read a grid's run folders, write Markdown, CSV and a plot (Flower-free).
+
+A grid's cells live in ``<root>/<preset>/<target>/<method>/seed<k>/`` (run folders). The
+headline per cell is the target accuracy averaged over the last 5 rounds; best-round accuracy
+is reported next to it (optimistic: it picks a round by the target's test labels).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from fedalign.runlog import atomic_write_text
+
+COLUMNS = (
+    "target",
+    "method",
+    "seed",
+    "last5_accuracy",
+    "final_accuracy",
+    "best_accuracy",
+    "best_round",
+    "rounds",
+    "wall_seconds",  # the whole run: federation start-up, rounds and teardown
+    "mb_sent_per_round",
+    "mb_received_per_round",
+)
+
+
+def cell_dir(root: Path, preset: str, target: str, method: str, seed: int) -> Path:
+    return root / preset / target / method / f"seed{seed}"
+
+
+def is_complete(path: Path) -> bool:
+    """A cell is done when its run folder says so in summary.json."""
+    try:
+        return json.loads((path / "summary.json").read_text()).get("status") == "completed"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def cell_row(path: Path, target: str, method: str, seed: int) -> dict[str, Any]:
+    """One CSV row from a completed cell's summary.json and metrics.jsonl."""
+    summary = json.loads((path / "summary.json").read_text())
+    lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    rounds = max(summary["rounds_completed"], 1)
+    cell = path / "cell.json"  # the harness's own clock: process start-up included
+    seconds = json.loads(cell.read_text())["seconds"] if cell.exists() else summary["wall_seconds"]
+    return {
+        "target": target,
+        "method": method,
+        "seed": seed,
+        "last5_accuracy": summary["mean_last5_target_accuracy"],
+        "final_accuracy": summary["final_target_accuracy"],
+        "best_accuracy": summary["best_target_accuracy"],
+        "best_round": summary["best_round"],
+        "rounds": summary["rounds_completed"],
+        "wall_seconds": seconds,
+        "mb_sent_per_round": sum(line["bytes_sent"] for line in lines) / rounds / 1e6,
+        "mb_received_per_round": sum(line["bytes_received"] for line in lines) / rounds / 1e6,
+    }
+
+
+def collect(preset: dict[str, Any], root: Path) -> list[dict[str, Any]]:
+    """Rows of every completed cell of ``preset`` under ``root``, in grid order."""
+    return [
+        cell_row(path, target, method, seed)
+        for target in preset["targets"]
+        for method in preset["methods"]
+        for seed in preset["seeds"]
+        if is_complete(path := cell_dir(root, preset["name"], target, method, seed))
+    ]
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def accuracy_table(rows: list[dict[str, Any]], preset: dict[str, Any], key: str) -> str:
+    """Methods x targets (+ average) of ``key``, mean ± std over seeds."""
+    targets, methods = list(preset["targets"]), list(preset["methods"])
+    lines = [
+        "| method | " + " | ".join(targets) + " | average |",
+        "|---" * (len(targets) + 2) + "|",
+    ]
+    for method in methods:
+        cells = []
+        for target in targets:
+            cells.append(
+                _mean_std([r[key] for r in rows if r["method"] == method and r["target"] == target])
+            )
+        per_seed = []  # the average over targets, per seed, where every target finished
+        for seed in preset["seeds"]:
+            values = [r[key] for r in rows if r["method"] == method and r["seed"] == seed]
+            if len(values) == len(targets):
+                per_seed.append(statistics.fmean(values))
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {_mean_std(per_seed)} |")
+    return "\n".join(lines)
+
+
+def cost_table(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
+    lines = [
+        "| method | runs | wall seconds per run | MB per round, server → silos | "
+        "MB per round, silos → server |",
+        "|---|---|---|---|---|",
+    ]
+    for method in preset["methods"]:
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            lines.append(f"| {method} | 0 | — | — | — |")
+            continue
+        mean = {k: statistics.fmean(r[k] for r in mine) for k in COLUMNS[-3:]}
+        lines.append(
+            f"| {method} | {len(mine)} | {mean['wall_seconds']:.0f} | "
+            f"{mean['mb_sent_per_round']:.2f} | {mean['mb_received_per_round']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], preset: dict[str, Any], out: Path) -> None:
+    """Grouped bars: mean-of-last-5 accuracy per target and method, std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets, methods = list(preset["targets"]), list(preset["methods"])
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(targets) + 2), 4), dpi=110)
+    for i, method in enumerate(methods):
+        means, stds = [], []
+        for target in targets:
+            values = [
+                r["last5_accuracy"] for r in rows if r["method"] == method and r["target"] == target
+            ]
+            means.append(statistics.fmean(values) if values else 0.0)
+            stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        xs = [t + (i - (len(methods) - 1) / 2) * width for t in range(len(targets))]
+        ax.bar(xs, means, width, yerr=stds, label=method, capsize=2)
+    ax.set_xticks(range(len(targets)), targets)
+    ax.set(ylabel="target accuracy (mean of last 5 rounds)", ylim=(0, 1), xlabel="unseen target")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncols=min(len(methods), 4))
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+
+
+def write_results(preset: dict[str, Any], root: Path, docs: Path, settings: str) -> dict[str, Path]:
+    """Regenerate ``docs/results.{md,csv,png}`` (preset ``full``; other presets
+    ``docs/results-<preset>.*``) from the run folders under ``root``."""
+    rows = collect(preset, root)
+    total = len(preset["targets"]) * len(preset["methods"]) * len(preset["seeds"])
+    name = preset["name"]
+    stem = "results" if name == "full" else f"results-{name}"
+    paths = {ext: docs / f"{stem}.{ext}" for ext in ("md", "csv", "png")}
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(paths["csv"], buffer.getvalue())
+    plot(rows, preset, paths["png"])
+    text = f"""# Results: target accuracy with each domain as the unseen target (preset `{name}`)
+
+Generated by `fedalign results {name}` from the run folders in `{root}/{name}/`; do not edit by
+hand. Cells complete: {len(rows)}/{total}. Preset: {settings}.
+
+Headline: target test accuracy averaged over the last 5 rounds of each run, mean ± std over
+seeds; "average" is the mean over targets (only seeds whose every target finished).
+
+{accuracy_table(rows, preset, "last5_accuracy")}
+
+Best-round target accuracy (optimistic: the round is picked with the target's test labels, as
+the FedKA notebook reports):
+
+{accuracy_table(rows, preset, "best_accuracy")}
+
+Cost per run (means over the finished cells):
+
+{cost_table(rows, preset)}
+
+![accuracy per target and method]({paths["png"].name})
+
+Raw rows: [{paths["csv"].name}]({paths["csv"].name}).
+"""
+    atomic_write_text(paths["md"], text)
+    return paths

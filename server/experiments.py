@@ -1,0 +1,149 @@
+"""The experiment harness: run a grid of targets x methods x seeds, resumably.
+
+Each cell is one federation run in Flower's simulation engine (``engine: simulation``, the
+default: the same ServerApp and ClientApps as the deployment, measured to give identical
+numbers, without starting six processes per run) or in the local deployment
+(``engine: deployment``). A cell's run folder is ``<root>/<preset>/<target>/<method>/seed<k>``;
+a cell whose summary.json says ``completed`` is skipped, anything else is run again from
+scratch, so an interruption loses at most the cell in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from fedalign.config import CONF_DIR, ConfigError, compose, validate
+from fedalign.errors import FedalignError
+from fedalign.results import cell_dir, is_complete
+from fedalign.runlog import atomic_write_text
+
+PRESET_KEYS = {"name", "engine", "targets", "methods", "seeds", "overrides"}
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """``conf/grid/<name>.yaml`` (or a path to such a file), checked."""
+    path = Path(name) if name.endswith(".yaml") else CONF_DIR / "grid" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONF_DIR / "grid").glob("*.yaml")))
+        raise ConfigError(f"grid: no preset '{name}' (known: {known}, or a path to a .yaml)")
+    preset = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if set(preset) != PRESET_KEYS:
+        raise ConfigError(f"grid: {path} must have exactly the keys {sorted(PRESET_KEYS)}")
+    if preset["engine"] not in ("simulation", "deployment"):
+        raise ConfigError(f"grid: engine={preset['engine']!r} (use simulation or deployment)")
+    return preset
+
+
+def cell_overrides(preset: dict[str, Any], target: str, method: str, seed: int) -> list[str]:
+    federation = "simulation" if preset["engine"] == "simulation" else "local"
+    return [
+        f"federation={federation}",
+        "wandb.mode=disabled",
+        *preset["overrides"],
+        *preset["methods"][method],
+        f"data.target={target}",
+        f"seed={seed}",
+    ]
+
+
+def cells(preset: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """Seed-major order: a partly run grid already holds a whole table for the first seeds."""
+    return [
+        (target, method, seed)
+        for seed in preset["seeds"]
+        for target in preset["targets"]
+        for method in preset["methods"]
+    ]
+
+
+def check(preset: dict[str, Any]) -> None:
+    """Compose and validate every cell before anything runs."""
+    for target, method, seed in cells(preset):
+        validate(compose(cell_overrides(preset, target, method, seed)))
+
+
+def settings_line(preset: dict[str, Any]) -> str:
+    """The preset in words, for the results file."""
+    cfg = compose(cell_overrides(preset, preset["targets"][0], next(iter(preset["methods"])), 0))
+    return (
+        f"engine {preset['engine']}, {len(preset['targets'])} targets x "
+        f"{len(preset['methods'])} methods x seeds {preset['seeds']}; {cfg.rounds} rounds of "
+        f"{cfg.train.local_steps} local steps (batch {cfg.train.batch_size}, "
+        f"{cfg.train.optimizer} lr {cfg.train.lr}); silos {list(cfg.data.domains)}; "
+        f"grid overrides {preset['overrides']}; methods {preset['methods']}"
+    )
+
+
+def use_free_ports(cfg: Any) -> None:
+    """Cells run for hours next to other work: give each federation ports nobody holds."""
+    from server.processes import free_port, port_in_use
+
+    host = cfg.federation.host
+    cfg.federation.control_port = free_port(host)
+    if cfg.federation.mode == "deployment":
+        cfg.federation.fleet_port = free_port(host)
+        base = free_port(host)
+        while any(port_in_use(host, base + i) for i in range(len(cfg.data.domains))):
+            base = free_port(host)
+        cfg.federation.supernode_ports_from = base
+
+
+def run_grid(preset: dict[str, Any], root: Path, echo: Any = print) -> dict[str, int]:
+    """Run every unfinished cell; returns counts of done, skipped and failed cells."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from fedalign.cli import ensure_data
+    from server.launcher import launch
+
+    check(preset)
+    todo = [c for c in cells(preset) if not is_complete(cell_dir(root, preset["name"], *c))]
+    counts = {"done": 0, "skipped": len(cells(preset)) - len(todo), "failed": 0}
+    echo(f"grid {preset['name']}: {len(todo)} cells to run, {counts['skipped']} already done")
+    if todo:
+        ensure_data(compose(cell_overrides(preset, *todo[0])), echo)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("grid", total=len(todo))
+        for target, method, seed in todo:
+            name = f"{target} {method} seed{seed}"
+            progress.update(task, description=name)
+            path = cell_dir(root, preset["name"], target, method, seed)
+            shutil.rmtree(path, ignore_errors=True)  # an interrupted or failed earlier try
+            cfg = compose(cell_overrides(preset, target, method, seed))
+            use_free_ports(cfg)
+            start = time.perf_counter()
+            try:
+                summary = launch(cfg, path, echo=lambda *_: None)
+            except FedalignError as exc:
+                counts["failed"] += 1
+                progress.console.print(f"{name}: FAILED: {exc}")
+            else:
+                counts["done"] += 1
+                seconds = time.perf_counter() - start
+                atomic_write_text(path / "cell.json", json.dumps({"seconds": round(seconds, 2)}))
+                progress.console.print(
+                    f"{name}: target accuracy {100 * summary['mean_last5_target_accuracy']:.1f}% "
+                    f"(mean of last 5 rounds), {seconds:.0f} s"
+                )
+            progress.advance(task)
+    return counts

@@ -1,0 +1,95 @@
+"""The experiment harness: the smoke grid, resume, and the results table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedalign.config import ConfigError
+from fedalign.results import accuracy_table
+from server.experiments import cells, load_preset
+
+FEDALIGN = str(Path(sys.executable).parent / "fedalign")
+
+
+def table_rows(markdown: str, header_start: str) -> list[list[str]]:
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+@pytest.mark.e2e
+def test_smoke_grid_runs_resumes_and_tabulates(tmp_path, digits_cache):
+    env_args = ["--root", str(tmp_path / "results"), "--docs", str(tmp_path / "docs")]
+    first = subprocess.run(
+        [FEDALIGN, "grid", "smoke", *env_args], capture_output=True, text=True, timeout=900
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "grid smoke: 4 run, 0 skipped, 0 failed" in first.stdout
+    markdown = (tmp_path / "docs" / "results-smoke.md").read_text()
+    table = table_rows(markdown, "| method | mnistm | usps | average |")
+    assert table[0] == ["method", "mnistm", "usps", "average"]
+    assert [row[0] for row in table[2:]] == ["fedavg", "fedka"]
+    for row in table[2:]:
+        values = [float(v) for v in row[1:]]
+        assert all(0 <= v <= 100 for v in values)
+        assert values[2] == pytest.approx((values[0] + values[1]) / 2, abs=0.051)
+    assert "Cells complete: 4/4" in markdown and "2 rounds of 5 local steps" in markdown
+    with (tmp_path / "docs" / "results-smoke.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and {r["method"] for r in rows} == {"fedavg", "fedka"}
+    assert (tmp_path / "docs" / "results-smoke.png").stat().st_size > 1000
+
+    # An interrupted cell (no completed summary) is run again; finished ones are skipped.
+    broken = tmp_path / "results" / "smoke" / "usps" / "fedka" / "seed0" / "summary.json"
+    broken.write_text(json.dumps({"status": "failed"}))
+    kept = tmp_path / "results" / "smoke" / "mnistm" / "fedavg" / "seed0" / "summary.json"
+    before = kept.stat().st_mtime_ns
+    second = subprocess.run(
+        [FEDALIGN, "grid", "smoke", *env_args], capture_output=True, text=True, timeout=900
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "grid smoke: 1 run, 3 skipped, 0 failed" in second.stdout
+    assert kept.stat().st_mtime_ns == before
+    assert json.loads(broken.read_text())["status"] == "completed"
+
+
+def test_presets_cover_the_grid():
+    full = load_preset("full")
+    assert len(cells(full)) == 5 * 7 * 3
+    assert set(full["methods"]) == {
+        "fedavg",
+        "fedprox",
+        "fedbn",
+        "fisher",
+        "fedvote",
+        "fedka",
+        "fedka_fisher",
+    }
+    assert len(cells(load_preset("smoke"))) == 2 * 2 * 1
+    with pytest.raises(ConfigError, match="no preset 'huge'"):
+        load_preset("huge")
+
+
+def test_accuracy_table_means_and_averages():
+    preset = {"targets": ["a", "b"], "methods": {"m": []}, "seeds": [0, 1]}
+    rows = [
+        {"method": "m", "target": "a", "seed": 0, "acc": 0.50},
+        {"method": "m", "target": "a", "seed": 1, "acc": 0.70},
+        {"method": "m", "target": "b", "seed": 0, "acc": 0.30},
+        {"method": "m", "target": "b", "seed": 1, "acc": 0.10},
+    ]
+    table = accuracy_table(rows, preset, "acc").splitlines()
+    assert table[2] == "| m | 60.0 ± 14.1 | 20.0 ± 14.1 | 40.0 ± 0.0 |"
+    table = accuracy_table(rows[:3], preset, "acc").splitlines()  # seed 1 of b missing
+    assert table[2] == "| m | 60.0 ± 14.1 | 30.0 | 40.0 |"
