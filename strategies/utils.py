@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
@@ -10,8 +10,6 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 # Message types of the protocol (see docs in server/app.py).
 INFO = "query.info"
-TRAIN = "train"
-EVALUATE = "evaluate"
 EMBED = "query.embed"  # FedKA: target silo evaluates and embeds
 VOTE = "train.vote"  # FedKA: target silo votes, fine-tunes, evaluates and embeds
 
@@ -53,7 +51,3 @@ def to_config(values: Mapping[str, object]) -> ConfigRecord:
 def message_bytes(message: Message) -> int:
     """Bytes of the message's serialized objects: what crosses the wire for it."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
-
-
-def total_bytes(messages: Iterable[Message]) -> int:
-    return sum(message_bytes(m) for m in messages)
