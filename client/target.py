@@ -87,6 +87,7 @@ def vote_and_fine_tune(message: Message, context: Context) -> Message:
         soft=bool(cfg.get("soft-vote", False)),
         min_agreement=float(cfg.get("min-agreement", 0.0)),
         finetune_steps=int(cfg.get("finetune-steps", 32)),
+        target_stats=bool(cfg.get("vote-target-stats", False)),
     )
     start = time.perf_counter()
     idx = sample_indices(len(data.x_train), vote_cfg.samples, int(cfg.get("seed", 0)) + rnd)

@@ -91,6 +91,24 @@ def _choice(cfg: DictConfig, key: str, known: tuple[str, ...]) -> None:
     _require(value in known, f"{key}={value!r} (known: {', '.join(known)})")
 
 
+def _validate_updates(cfg: DictConfig) -> None:
+    """``updates``: the norm bound and the robust aggregator, and that it fits the strategy."""
+    if OmegaConf.select(cfg, "updates.max_norm") is not None:
+        _number(cfg, "updates.max_norm", float, minimum=1e-12)
+    _choice(cfg, "updates.robust", ("none", "median", "trimmed_mean", "krum"))
+    beta = _number(cfg, "updates.trim_beta", float, minimum=0)
+    _require(beta < 0.5, f"updates.trim_beta={beta} must be in [0, 0.5)")
+    _number(cfg, "updates.num_malicious", minimum=0)
+    fisher = (
+        cfg.strategy.name == "fisher" or OmegaConf.select(cfg, "strategy.aggregation") == "fisher"
+    )
+    _require(
+        cfg.updates.robust == "none" or not fisher,
+        f"updates.robust={cfg.updates.robust} replaces a weighted average, but strategy "
+        f"{cfg.strategy.name} merges by Fisher; use updates.robust=none with it",
+    )
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks Hydra cannot do; raises :class:`ConfigError` with one line."""
     from fedalign.models import MODELS
@@ -120,6 +138,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "federation.mode", FEDERATION_MODES)
     _choice(cfg, "wandb.mode", WANDB_MODES)
     _choice(cfg, "model.name", tuple(sorted(MODELS)))
+    _validate_updates(cfg)
     if "vote" in cfg.strategy:  # FedKA / FedVote settings
         _choice(cfg, "strategy.start_from", ("finetuned", "averaged"))
         _choice(cfg, "strategy.aggregation", ("fedavg", "fisher"))

@@ -11,6 +11,7 @@ Labels of the target training split are used for one diagnostic only: pseudo-lab
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class VoteConfig:
     soft: bool = False
     min_agreement: float = 0.0
     finetune_steps: int = 32
+    target_stats: bool = False
 
 
 @torch.no_grad()
@@ -45,6 +47,18 @@ def embed(
     return torch.cat(chunks).numpy().astype(np.float32, copy=False)
 
 
+def with_batch_statistics(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode whose BatchNorm layers normalise with the statistics of
+    the batch they see (AdaBN). Source models voting this way adapt their normalisation to the
+    target domain; the FedKA notebook votes in train mode, which has the same effect on BatchNorm
+    (and also keeps dropout on)."""
+    adapted = copy.deepcopy(model).eval()
+    for module in adapted.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()
+    return adapted
+
+
 @torch.no_grad()
 def predict(
     models: Mapping[str, nn.Module],
@@ -52,11 +66,16 @@ def predict(
     device: torch.device,
     soft: bool = False,
     batch_size: int = 512,
+    target_stats: bool = False,
 ) -> np.ndarray:
-    """Every model's prediction on ``x``: K x N labels, or K x N x C probabilities if soft."""
+    """Every model's prediction on ``x``: K x N labels, or K x N x C probabilities if soft.
+
+    With ``target_stats``, BatchNorm uses each batch's own statistics (``with_batch_statistics``);
+    the models passed in are not modified."""
     outputs = []
     for model in models.values():
-        model.to(device).eval()
+        model = with_batch_statistics(model) if target_stats else model.eval()
+        model.to(device)
         logits = torch.cat(
             [
                 model(to_input(x[i : i + batch_size], device)).cpu()
@@ -80,7 +99,7 @@ def pseudo_label(
     truth: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Vote the source models' predictions on ``x``: (labels, kept mask, vote statistics)."""
-    predictions = predict(models, x, device, soft=cfg.soft)
+    predictions = predict(models, x, device, soft=cfg.soft, target_stats=cfg.target_stats)
     labels, mask = vote(predictions, soft=cfg.soft, min_agreement=cfg.min_agreement)
     stats = vote_stats(predictions, labels, mask, truth=truth, soft=cfg.soft)
     return labels, mask, stats

@@ -36,6 +36,17 @@ Aggregator = Callable[
 ]
 
 
+def update_norm(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
+    """L2 distance between ``arrays`` and ``reference`` over all their float arrays."""
+    total = 0.0
+    for name, array in arrays.items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating):
+            diff = values.astype(np.float64) - reference[name]
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return total**0.5
+
+
 class SiloFedAvg(FedAvg):
     """FedAvg whose sources train and whose target silo only evaluates.
 
@@ -51,7 +62,12 @@ class SiloFedAvg(FedAvg):
     min_sources : int (default: 1)
         Minimum valid source replies needed to aggregate a round.
     aggregator : Aggregator, optional
-        Replaces FedAvg's weighted average (e.g. ``FisherAggregator``).
+        Replaces FedAvg's weighted average (e.g. ``FisherAggregator``, ``RobustAggregator``).
+
+    Every train reply is checked before aggregation (``train_reply_problem``): its records,
+    array names, shapes and dtypes against the global model, finite values, and, when the
+    attribute ``max_update_norm`` is set (``updates.max_norm``), the L2 distance of its weights
+    from the global model. A reply that fails is left out with a log line naming its silo.
     """
 
     def __init__(
@@ -79,7 +95,9 @@ class SiloFedAvg(FedAvg):
         self.timeout: float | None = None
         self.train_config = ConfigRecord()
         self.evaluate_config = ConfigRecord()
+        self.max_update_norm: float | None = None
         self._sent: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._global: dict[str, np.ndarray] = {}
         self._phase_start = 0.0
         self._bytes_mark = (0, 0)
         self._grid: Grid | None = None
@@ -142,6 +160,10 @@ class SiloFedAvg(FedAvg):
                 )
             if not np.isfinite(array.numpy()).all():
                 return f"array '{name}' has non-finite values"
+        if self.max_update_norm is not None:
+            norm = update_norm(arrays, self._global)
+            if norm > self.max_update_norm:
+                return f"update norm {norm:.4g} exceeds updates.max_norm={self.max_update_norm:g}"
         metrics = content[METRICS]
         if not metrics.get("num-examples", 0) > 0:
             return "metrics lack a positive num-examples"
@@ -192,6 +214,7 @@ class SiloFedAvg(FedAvg):
                 f"strategy.min_sources={self.min_sources}"
             )
         self._sent = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        self._global = {k: a.numpy() for k, a in arrays.items()} if self.max_update_norm else {}
         extra = {**self.client_config, **getattr(self.aggregator, "client_config", {})}
         config = ConfigRecord({**config, **extra, "server-round": server_round})
         log.info(

@@ -61,7 +61,7 @@ class FedKA(SiloFedAvg):
         Multiplies alpha(p) for the alignment term.
     target_config : dict
         Sent to the target silo: embed-samples, vote-samples, soft-vote, min-agreement,
-        finetune-steps, kernel-mul, kernel-num.
+        vote-target-stats, finetune-steps, kernel-mul, kernel-num.
     aggregator : Aggregator, optional
         How source models are combined (default FedAvg; ``FisherAggregator`` for Fisher).
     """

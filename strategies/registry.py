@@ -11,6 +11,7 @@ from strategies.fedbn import FedBN
 from strategies.fedka import FedKA
 from strategies.fedprox import FedProx
 from strategies.fisher import FisherAggregator, FisherMerge, FisherSettings
+from strategies.robust import RobustAggregator
 
 STRATEGIES = ("fedavg", "fedprox", "fedbn", "fisher", "fedka", "fedvote", "fedka_fisher")
 
@@ -33,7 +34,18 @@ def fisher_parts(cfg: Any) -> tuple[FisherSettings, set[str]]:
 
 
 def build_strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> SiloFedAvg:
-    """Instantiate the configured strategy for this roster."""
+    """The configured strategy for this roster, with the ``updates`` checks and aggregator."""
+    strategy = _strategy(cfg, roster, recorder)
+    u = cfg.updates
+    strategy.max_update_norm = None if u.max_norm is None else float(u.max_norm)
+    if u.robust != "none":
+        strategy.aggregator = RobustAggregator(
+            str(u.robust), float(u.trim_beta), int(u.num_malicious)
+        )
+    return strategy
+
+
+def _strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> SiloFedAvg:
     s = cfg.strategy
     common = {"num_rounds": int(cfg.rounds), "min_sources": int(s.min_sources)}
     if s.name == "fedavg":
@@ -60,6 +72,7 @@ def build_strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> 
                 "vote-samples": int(s.vote_samples),
                 "soft-vote": bool(s.soft_vote),
                 "min-agreement": float(s.min_agreement),
+                "vote-target-stats": bool(s.vote_target_stats),
                 "finetune-steps": int(s.finetune_steps),
                 "kernel-mul": float(s.kernel_mul),
                 "kernel-num": int(s.kernel_num),

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, RecordDict
+from torch import nn
 
 from client.app import app as client_app
 from fedalign.config import Silo, compose, silos
 from fedalign.errors import FederationError
 from fedalign.models import build_model, get_weights
 from fedalign.runlog import RunRecorder
+from fedalign.workspace import predict
 from server.discovery import discover_silos
 from server.grid import MeteredGrid
 from strategies.fedka import FedKA
@@ -91,6 +93,23 @@ def test_vote_threshold_drops_disagreeing_samples(digits_cache):
     reply = call("train.vote", ("mnistm", "target"), content)
     kept = reply.content[METRICS]["kept-fraction"]
     assert 0.0 <= kept < 1.0  # two random models rarely agree everywhere
+
+
+def test_target_statistics_vote_normalises_by_the_batch_and_leaves_models_alone():
+    model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))
+        model[2].bias.zero_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(64, 1, 2, 2), dtype=np.uint8)
+    x[:, 0, 0, 0] = np.where(np.arange(64) % 2 == 0, 200, 255)  # far above running mean 0
+    cpu = torch.device("cpu")
+    running = predict({"a": model}, x, cpu)
+    adapted = predict({"a": model}, x, cpu, target_stats=True)
+    np.testing.assert_array_equal(running[0], np.zeros(64))
+    np.testing.assert_array_equal(adapted[0], np.arange(64) % 2 == 0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_source_requests_refused_by_target_and_vice_versa(digits_cache):
