@@ -7,6 +7,8 @@
     fedalign grid PRESET [--root DIR]       run a resumable grid (conf/grid/PRESET.yaml) and
                                             write docs/results*.md, .csv and .png
     fedalign results PRESET [--root DIR]    regenerate those files from the run folders
+    fedalign certs DIR [--san A] [--silo S] a CA, SuperLink certificate and silo keys for TLS
+                                            and SuperNode authentication (docs/security.md)
 
 Errors a user can fix print one line (``error: ...``) and exit non-zero.
 """
@@ -214,6 +216,36 @@ def grid_command(action: str, argv: list[str]) -> None:
         fail(f"{counts['failed']} cell(s) failed; run the same command again to retry them")
 
 
+def certs_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="fedalign certs",
+        description="Make a CA, the SuperLink's TLS certificate and one key per silo "
+        "(docs/security.md). Existing files are kept.",
+    )
+    parser.add_argument("out", type=Path, help="folder to write (created if missing)")
+    parser.add_argument(
+        "--san",
+        action="append",
+        help="an address silos use to reach the SuperLink (IP or DNS name; repeat). "
+        "Default: 127.0.0.1, ::1, localhost",
+    )
+    parser.add_argument(
+        "--silo",
+        action="append",
+        help="a silo (domain) to make a key for (repeat). Default: the config's data.domains",
+    )
+    args = parser.parse_args(argv)
+    from server.certs import DEFAULT_SANS, make_certificates
+
+    silos = args.silo or list(compose([]).data.domains)
+    paths = make_certificates(args.out, silos, args.san or DEFAULT_SANS)
+    print(f"CA: {paths['ca']} (give to every silo); keep {paths['ca_key']} private")
+    print(
+        f"SuperLink: {paths['cert']}, {paths['key']} (SANs: {', '.join(args.san or DEFAULT_SANS)})"
+    )
+    print(f"silo keys: {args.out / 'silos'}/<silo> (private, one per silo) and <silo>.pub")
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM (e.g. CI or make killed) tears the federation down like Ctrl-C does."""
     raise KeyboardInterrupt
@@ -248,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
             data_command(rest)
         elif command in ("grid", "results"):
             grid_command(command, rest)
+        elif command == "certs":
+            certs_command(rest)
         else:
             fail(f"unknown command '{command}' (see fedalign --help)", 2)
     except FedalignError as exc:

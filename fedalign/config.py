@@ -91,6 +91,17 @@ def _choice(cfg: DictConfig, key: str, known: tuple[str, ...]) -> None:
     _require(value in known, f"{key}={value!r} (known: {', '.join(known)})")
 
 
+def _validate_security(cfg: DictConfig) -> None:
+    """TLS and SuperNode authentication apply to a deployment; authentication needs TLS."""
+    tls = bool(OmegaConf.select(cfg, "federation.tls", default=False))
+    auth = bool(OmegaConf.select(cfg, "federation.auth", default=False))
+    _require(not auth or tls, "federation.auth=true needs federation.tls=true")
+    _require(
+        not tls or cfg.federation.mode == "deployment",
+        "federation.tls applies to a deployment (federation=local), not to the simulation",
+    )
+
+
 def _validate_updates(cfg: DictConfig) -> None:
     """``updates``: the norm bound and the robust aggregator, and that it fits the strategy."""
     if OmegaConf.select(cfg, "updates.max_norm") is not None:
@@ -139,6 +150,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "wandb.mode", WANDB_MODES)
     _choice(cfg, "model.name", tuple(sorted(MODELS)))
     _validate_updates(cfg)
+    _validate_security(cfg)
     if "vote" in cfg.strategy:  # FedKA / FedVote settings
         _choice(cfg, "strategy.start_from", ("finetuned", "averaged"))
         _choice(cfg, "strategy.aggregation", ("fedavg", "fisher"))

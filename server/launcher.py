@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,51 @@ class LocalFederation:
             PYTHONUNBUFFERED="1",
         )
         self.procs = ProcessSet(env=env)
+        self.tls = bool(OmegaConf.select(cfg, "federation.tls", default=False))
+        self.auth = bool(OmegaConf.select(cfg, "federation.auth", default=False))
+        self.certs: dict[str, Path] = {}
+
+    # ------------------------------------------------------------------------- security
+    def prepare_certificates(self) -> None:
+        """Check ``federation.certs_dir`` (or make a throw-away one) when TLS is on."""
+        from server.certs import check_certificates, make_certificates
+
+        domains = [s.domain for s in silos(self.cfg)]
+        chosen = OmegaConf.select(self.cfg, "federation.certs_dir")
+        if chosen:
+            self.certs = check_certificates(Path(chosen), domains, self.auth)
+        else:  # a fresh CA for this run only, deleted with FLWR_HOME
+            folder = self.flwr_home / "certs"
+            make_certificates(folder, domains, sans=[str(self.fed.host), "localhost"])
+            self.certs = check_certificates(folder, domains, self.auth)
+
+    def security_args(self) -> list[str]:
+        """The SuperLink's TLS and authentication flags."""
+        if not self.tls:
+            return ["--insecure"]
+        args = ["--ssl-ca-certfile", str(self.certs["ca"])]
+        args += ["--ssl-certfile", str(self.certs["cert"]), "--ssl-keyfile", str(self.certs["key"])]
+        return args + (["--enable-supernode-auth"] if self.auth else [])
+
+    def register_silos(self) -> None:
+        """Register every silo's public key with the SuperLink (``flwr supernode register``)."""
+        for silo in silos(self.cfg):
+            out = subprocess.run(
+                [
+                    _bin("flwr"),
+                    "supernode",
+                    "register",
+                    str(self.certs[f"silo-pub:{silo.domain}"]),
+                    CONNECTION,
+                ],
+                capture_output=True,
+                text=True,
+                env=self.procs.env,
+                timeout=60,
+            )
+            if out.returncode != 0:
+                last = ANSI.sub("", (out.stdout + out.stderr).strip()).splitlines()[-1:]
+                raise LaunchError(f"registering silo {silo.domain}'s key failed: {''.join(last)}")
 
     # ---------------------------------------------------------------------------- start
     def ports(self) -> dict[str, int]:
@@ -109,14 +155,19 @@ class LocalFederation:
 
     def start(self) -> None:
         self.check_ports()
+        if self.tls:
+            self.prepare_certificates()
         host, control = self.fed.host, int(self.fed.control_port)
+        security = (
+            f'root-certificates = "{self.certs["ca"]}"\n' if self.tls else "insecure = true\n"
+        )
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{host}:{control}"\ninsecure = true\n'
+            f'address = "{host}:{control}"\n{security}'
         )
         argv = [
             _bin("flower-superlink"),
-            "--insecure",
+            *self.security_args(),
             "--disable-runtime-dependency-installation",
             "--host",
             host,
@@ -132,7 +183,11 @@ class LocalFederation:
         self.echo(
             f"SuperLink up on {host}:{control}"
             + ("" if self.simulation else f" (Fleet gRPC {host}:{int(self.fed.fleet_port)})")
+            + (" with TLS" if self.tls else "")
+            + (" and SuperNode authentication" if self.auth else "")
         )
+        if self.auth:
+            self.register_silos()
         if self.simulation:
             return
         for i, silo in enumerate(silos(self.cfg)):
@@ -152,9 +207,14 @@ class LocalFederation:
         }
         if self.cfg.data.cache_dir:
             node_config["data-dir"] = str(self.cfg.data.cache_dir)
+        security = ["--insecure"]
+        if self.tls:
+            security = ["--root-certificates", str(self.certs["ca"])]
+        if self.auth:
+            security += ["--auth-supernode-private-key", str(self.certs[f"silo:{silo.domain}"])]
         return [
             _bin("flower-supernode"),
-            "--insecure",
+            *security,
             "--superlink",
             f"{self.fed.host}:{int(self.fed.fleet_port)}",
             "--node-config",
@@ -173,8 +233,12 @@ class LocalFederation:
                     f"flower-superlink exited with code {proc.exited()}: {proc.last_line()} "
                     f"(log: {proc.log_path})"
                 )
+            scheme, context = "http", None
+            if self.tls:
+                scheme, context = "https", ssl.create_default_context(cafile=self.certs["ca"])
             try:
-                with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=1) as reply:
+                url = f"{scheme}://{host}:{port}/health"
+                with urllib.request.urlopen(url, timeout=1, context=context) as reply:
                     if reply.status == 200:
                         return
             except (urllib.error.URLError, OSError):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
+
+from server.processes import port_in_use
 
 SMALL_DOMAINS = ("mnist", "usps", "mnistm")
 
@@ -112,3 +115,26 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):
         return self.pull_messages(self.push_messages(messages))
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def port_overrides(silos: int = 3) -> list[str]:
+    control, fleet, *_ = ports = free_ports(2 + silos)
+    # SuperNode ports are consecutive from supernode_ports_from: find a free run of them.
+    base = max(ports) + 1
+    while any(port_in_use("127.0.0.1", base + i) for i in range(silos)):
+        base += silos
+    return [
+        f"federation.control_port={control}",
+        f"federation.fleet_port={fleet}",
+        f"federation.supernode_ports_from={base}",
+    ]

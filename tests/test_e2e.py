@@ -19,33 +19,11 @@ import pytest
 
 from fedalign.config import compose, validate
 from server.launcher import LaunchError, LocalFederation, launch
-from server.processes import pid_alive, port_in_use
+from server.processes import pid_alive
+from tests.conftest import free_ports, port_overrides
 
 pytestmark = pytest.mark.e2e
 FEDALIGN = str(Path(sys.executable).parent / "fedalign")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
-def port_overrides(silos: int = 3) -> list[str]:
-    control, fleet, *_ = ports = free_ports(2 + silos)
-    # SuperNode ports are consecutive from supernode_ports_from: find a free run of them.
-    base = max(ports) + 1
-    while any(port_in_use("127.0.0.1", base + i) for i in range(silos)):
-        base += silos
-    return [
-        f"federation.control_port={control}",
-        f"federation.fleet_port={fleet}",
-        f"federation.supernode_ports_from={base}",
-    ]
 
 
 def overrides(cache: Path, out: Path, *extra: str, simulation: bool = False) -> list[str]:

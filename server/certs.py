@@ -1,0 +1,192 @@
+"""Certificates for a secure federation: a CA, the SuperLink's certificate, one key per silo.
+
+Layout of the folder ``fedalign certs DIR`` writes (private keys are mode 0600):
+
+- ``ca.crt`` / ``ca.key``: the federation's own certificate authority. ``ca.crt`` goes to every
+  silo (``--root-certificates``); ``ca.key`` stays with whoever runs the SuperLink.
+- ``superlink.crt`` / ``superlink.key``: the SuperLink's TLS certificate, signed by the CA, with
+  a subjectAltName for every address silos use to reach it (``--san``).
+- ``silos/<domain>`` / ``silos/<domain>.pub``: each silo's OpenSSH ECDSA P-384 key pair, Flower
+  1.39's SuperNode authentication. The private key goes to that silo only; the public key is
+  registered on the SuperLink with ``flwr supernode register``.
+
+Existing files are never overwritten: a second call adds missing silos and refuses to change
+a CA or SuperLink certificate that is already there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedalign.errors import FedalignError
+
+DEFAULT_SANS = ("127.0.0.1", "::1", "localhost")
+VALID_DAYS = 365
+
+
+class CertificateError(FedalignError):
+    """Certificates could not be made or are not usable."""
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    """Write atomically; private files are created 0600."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    tmp.replace(path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name | None = None,
+    issuer_key: ec.EllipticCurvePrivateKey | None = None,
+    sans: Iterable[str] = (),
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    is_ca = issuer is None
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name if is_ca else issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+    )
+    if is_ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+    else:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_san(s) for s in sans]), critical=False
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+def make_certificates(
+    out: Path, silos: Iterable[str], sans: Iterable[str] = DEFAULT_SANS
+) -> dict[str, Path]:
+    """Create (or complete) the folder described in the module doc; returns the main paths."""
+    out = Path(out)
+    (out / "silos").mkdir(parents=True, exist_ok=True)
+    paths = {
+        "ca": out / "ca.crt",
+        "ca_key": out / "ca.key",
+        "cert": out / "superlink.crt",
+        "key": out / "superlink.key",
+    }
+    sans = list(sans)
+    if not sans:
+        raise CertificateError("certs: give at least one --san (an address silos connect to)")
+    if paths["ca"].exists() != paths["ca_key"].exists():
+        raise CertificateError(f"certs: {out} has only one of ca.crt and ca.key; remove it")
+    if not paths["ca"].exists():
+        ca_key = ec.generate_private_key(ec.SECP384R1())
+        ca = _certificate("fedalign federation CA", ca_key)
+        _write(paths["ca_key"], _key_pem(ca_key), private=True)
+        _write(paths["ca"], ca.public_bytes(serialization.Encoding.PEM))
+    ca, ca_key = load_ca(out)
+    if not paths["cert"].exists():
+        key = ec.generate_private_key(ec.SECP384R1())
+        cert = _certificate("fedalign superlink", key, ca.subject, ca_key, sans)
+        _write(paths["key"], _key_pem(key), private=True)
+        _write(paths["cert"], cert.public_bytes(serialization.Encoding.PEM))
+    for silo in silos:
+        private = out / "silos" / silo
+        if private.exists():
+            continue
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write(
+            private,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            ),
+            private=True,
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        _write(private.with_name(f"{silo}.pub"), public + b"\n")
+    return paths
+
+
+def load_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA certificate and key in ``out``; a clear error if they are unreadable."""
+    try:
+        ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+        key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), None)
+    except (OSError, ValueError) as exc:
+        raise CertificateError(f"certs: cannot read the CA in {out}: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertificateError(f"certs: {out / 'ca.key'} is not an EC key made by fedalign certs")
+    return ca, key
+
+
+def check_certificates(out: Path, silos: Iterable[str], auth: bool) -> dict[str, Path]:
+    """The files a secure federation needs, checked before any process starts."""
+    out = Path(out)
+    needed = {
+        "ca": out / "ca.crt",
+        "cert": out / "superlink.crt",
+        "key": out / "superlink.key",
+    }
+    if auth:
+        for silo in silos:
+            needed[f"silo:{silo}"] = out / "silos" / silo
+            needed[f"silo-pub:{silo}"] = out / "silos" / f"{silo}.pub"
+    missing = [str(p) for p in needed.values() if not p.is_file()]
+    if missing:
+        raise CertificateError(
+            f"federation: missing {', '.join(missing)}; create them with `fedalign certs {out}`"
+        )
+    try:
+        ca = x509.load_pem_x509_certificate(needed["ca"].read_bytes())
+        cert = x509.load_pem_x509_certificate(needed["cert"].read_bytes())
+    except ValueError:
+        raise CertificateError(
+            f"federation: {needed['ca']} or {needed['cert']} is not a PEM certificate; "
+            f"recreate the folder with `fedalign certs`"
+        ) from None
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CertificateError(
+            f"federation: {needed['cert']} was not signed by {needed['ca']}; use the files of "
+            f"one `fedalign certs` folder"
+        ) from None
+    if cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc):
+        raise CertificateError(f"federation: {needed['cert']} expired; run `fedalign certs` again")
+    return needed

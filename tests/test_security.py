@@ -1,0 +1,115 @@
+"""TLS and SuperNode authentication: the certificate folder, its checks, and a real federation
+that refuses a plaintext SuperNode and one whose key was never registered."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from omegaconf import OmegaConf
+
+from fedalign.config import ConfigError, compose, validate
+from server.certs import CertificateError, check_certificates, make_certificates
+from server.launcher import LocalFederation, _bin
+from tests.conftest import free_ports, port_overrides
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_certs_folder_has_a_ca_a_superlink_certificate_and_silo_keys(tmp_path):
+    paths = make_certificates(tmp_path, ["mnist", "usps"], sans=["10.0.0.5", "link.example"])
+    ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
+    cert = x509.load_pem_x509_certificate(paths["cert"].read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+    assert sans.get_values_for_type(x509.DNSName) == ["link.example"]
+    for private in (paths["ca_key"], paths["key"], tmp_path / "silos" / "mnist"):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+    assert (tmp_path / "silos" / "usps.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    before = {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()}
+    make_certificates(tmp_path, ["mnist", "usps", "syn"])  # adds a silo, changes nothing else
+    assert all(digest(p) == h for p, h in before.items())
+    assert (tmp_path / "silos" / "syn.pub").is_file()
+
+
+def test_missing_or_foreign_certificates_get_one_line(tmp_path):
+    make_certificates(tmp_path / "a", ["mnist"])
+    with pytest.raises(CertificateError, match=r"missing .*silos/usps\.pub; create them with"):
+        check_certificates(tmp_path / "a", ["mnist", "usps"], auth=True)
+    make_certificates(tmp_path / "b", ["mnist"])
+    (tmp_path / "a" / "ca.crt").write_bytes((tmp_path / "b" / "ca.crt").read_bytes())
+    with pytest.raises(CertificateError, match="was not signed by"):
+        check_certificates(tmp_path / "a", ["mnist"], auth=False)
+    (tmp_path / "a" / "ca.crt").write_text("not a certificate")
+    with pytest.raises(CertificateError, match="is not a PEM certificate"):
+        check_certificates(tmp_path / "a", ["mnist"], auth=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["federation.auth=true"], "federation.auth=true needs federation.tls=true"),
+        (["federation=simulation", "+federation.tls=true"], "applies to a deployment"),
+    ],
+)
+def test_security_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose(overrides))
+
+
+@pytest.mark.e2e
+def test_secure_federation_refuses_plaintext_and_unregistered_supernodes(digits_cache, tmp_path):
+    cfg = compose(
+        [
+            "data.domains=[mnist,mnistm]",
+            f"data.cache_dir={digits_cache}",
+            "rounds=1",
+            "train.local_steps=5",
+            "wandb.mode=disabled",
+            "federation.tls=true",
+            "federation.auth=true",
+            f"federation.certs_dir={tmp_path / 'certs'}",
+            *port_overrides(2),
+        ]
+    )
+    validate(cfg)
+    make_certificates(tmp_path / "certs", ["mnist", "mnistm"])
+    make_certificates(tmp_path / "other", ["intruder"])  # a key the SuperLink never registered
+    run_dir = tmp_path / "run"
+    OmegaConf.update(cfg, "output.run_dir", str(run_dir), force_add=True)
+    fleet = f"127.0.0.1:{cfg.federation.fleet_port}"
+    plain_port, intruder_port = free_ports(2)
+    node_config = 'domain="mnist" role="source"'
+    with LocalFederation(cfg, run_dir, echo=lambda *_: None) as federation:
+        federation.start()
+        plaintext = federation.procs.start(
+            "plaintext",
+            [_bin("flower-supernode"), "--insecure", "--superlink", fleet,
+             "--node-config", node_config, "--port", str(plain_port)],
+            tmp_path / "plaintext.log",
+        )  # fmt: skip
+        intruder = federation.procs.start(
+            "intruder",
+            [_bin("flower-supernode"), "--root-certificates", str(tmp_path / "certs" / "ca.crt"),
+             "--auth-supernode-private-key", str(tmp_path / "other" / "silos" / "intruder"),
+             "--superlink", fleet, "--node-config", node_config, "--port", str(intruder_port)],
+            tmp_path / "intruder.log",
+        )  # fmt: skip
+        status = federation.submit()
+        assert intruder.popen.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in intruder.log_path.read_text()
+        assert plaintext.exited() is None  # still knocking, never let in
+        assert "Connection attempt failed" in plaintext.log_path.read_text()
+    assert status.startswith("finished:completed"), status
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert sorted(summary["silos"].values()) == ["mnist", "mnistm"]  # the registered silos only
