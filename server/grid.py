@@ -34,6 +34,7 @@ class MeteredGrid(Grid):
         self.taps = list(taps or [])
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.destinations: dict[str, int] = {}  # message ID -> the node it was sent to
 
     # Delegation of the abstract API ------------------------------------------------------
     def set_run(self, run: object) -> None:
@@ -63,7 +64,14 @@ class MeteredGrid(Grid):
             self.bytes_sent += size
             for tap in self.taps:
                 tap("sent", message, size)
-        return self.inner.push_messages(messages)
+        ids = list(self.inner.push_messages(messages))
+        self.destinations.update(zip(ids, (m.metadata.dst_node_id for m in messages), strict=True))
+        return ids
+
+    def replier(self, reply: Message) -> int:
+        """The node a reply answers for: an error the SuperLink makes up for a node that went
+        away carries the SuperLink's own ID as its source, not the silo's."""
+        return self.destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self.inner.pull_messages(message_ids))

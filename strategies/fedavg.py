@@ -22,7 +22,7 @@ from fedalign.config import Silo
 from fedalign.errors import FederationError
 from fedalign.runlog import RunRecorder
 from server.grid import MeteredGrid
-from strategies.utils import ARRAYS, CONFIG, METRICS
+from strategies.utils import ARRAYS, CONFIG, INFO, METRICS, SILO
 
 log = logging.getLogger("fedalign.strategy")
 
@@ -98,6 +98,8 @@ class SiloFedAvg(FedAvg):
         self.max_update_norm: float | None = None
         self._sent: dict[str, tuple[tuple[int, ...], str]] = {}
         self._global: dict[str, np.ndarray] = {}
+        self._expected: set[str] = set()
+        self._strangers: set[int] = set()
         self._phase_start = 0.0
         self._bytes_mark = (0, 0)
         self._grid: Grid | None = None
@@ -111,6 +113,33 @@ class SiloFedAvg(FedAvg):
     def domain(self, node_id: int) -> str:
         silo = self.roster.get(node_id)
         return silo.domain if silo else f"node {node_id}"
+
+    def silo_of(self, reply: Message) -> str:
+        """The domain a reply answers for (also for errors the SuperLink sends on its behalf)."""
+        grid = self._grid
+        node = grid.replier(reply) if isinstance(grid, MeteredGrid) else reply.metadata.src_node_id
+        return self.domain(node)
+
+    def expect(self, messages: list[Message]) -> list[Message]:
+        """Remember which silos a phase waits for, to name the ones that never answer."""
+        self._expected = {self.domain(m.metadata.dst_node_id) for m in messages}
+        return messages
+
+    def record_missing(self, rnd: int, replies: list[Message], phase: str) -> None:
+        """Log and record (``dropped`` in the round's metrics) silos that sent no usable reply."""
+        answered = {self.silo_of(r) for r in replies if not r.has_error()}
+        missing = sorted(self._expected - answered)
+        if missing:
+            log.warning(
+                "round %d %s: no reply from %s within the round (timeout %ss or failure); "
+                "the round goes on without them",
+                rnd,
+                phase,
+                ", ".join(missing),
+                f"{self.timeout:g}" if self.timeout else "-",
+            )
+            dropped = self.recorder.round_metrics.get(rnd, {}).get("dropped", [])
+            self.recorder.metrics(rnd, dropped=sorted(set(dropped) | set(missing)))
 
     @staticmethod
     def messages(nodes: list[int], content: RecordDict, message_type: str) -> list[Message]:
@@ -138,7 +167,7 @@ class SiloFedAvg(FedAvg):
                 log.warning(
                     "%s: dropped reply from %s: %s",
                     phase,
-                    self.domain(reply.metadata.src_node_id),
+                    self.silo_of(reply),
                     reply.error.reason,
                 )
             else:
@@ -170,6 +199,28 @@ class SiloFedAvg(FedAvg):
         if any(key not in metrics for key in RECEIVED_KEYS):
             return f"metrics lack {', '.join(RECEIVED_KEYS)}"
         return None
+
+    def rejoin(self, grid: Grid) -> None:
+        """Take back a silo whose SuperNode restarted: Flower gives it a new node ID, so ask
+        every unknown node who it is and let a configured silo replace its old node."""
+        new = sorted(set(grid.get_node_ids()) - set(self.roster) - self._strangers)
+        if not new:
+            return
+        content = RecordDict({CONFIG: self.train_config})
+        replies = grid.send_and_receive(self.messages(new, content, INFO), timeout=60)
+        expected = {s.domain: s.role for s in self.roster.values()}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            silo = None if reply.has_error() else reply.content.config_records.get(SILO)
+            if silo is None or expected.get(str(silo["domain"])) != str(silo["role"]):
+                self._strangers.add(node)
+                log.warning("node %d is not a silo of this run; it is ignored", node)
+                continue
+            domain = str(silo["domain"])
+            for old in [n for n, s in self.roster.items() if s.domain == domain]:
+                del self.roster[old]
+            self.roster[node] = Silo(domain, str(silo["role"]))
+            log.info("silo %s rejoined on node %d", domain, node)
 
     # Flower's loop ------------------------------------------------------------------------
     def start(
@@ -207,6 +258,7 @@ class SiloFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.start_phase(grid)
+        self.rejoin(grid)
         sources = self.nodes("source", grid)
         if len(sources) < self.min_sources:
             raise FederationError(
@@ -223,21 +275,26 @@ class SiloFedAvg(FedAvg):
             self.num_rounds,
             ", ".join(self.domain(n) for n in sources),
         )
-        return self.messages(
-            sources, self.train_content(server_round, arrays, config), MessageType.TRAIN
-        ) + self.messages(
-            self.nodes("target", grid),
-            RecordDict({ARRAYS: arrays, CONFIG: config}),
-            MessageType.EVALUATE,
+        return self.expect(
+            self.messages(
+                sources, self.train_content(server_round, arrays, config), MessageType.TRAIN
+            )
+            + self.messages(
+                self.nodes("target", grid),
+                RecordDict({ARRAYS: arrays, CONFIG: config}),
+                MessageType.EVALUATE,
+            )
         )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.record_missing(server_round, replies, "train")
         replies = self.drop_errors(replies, f"round {server_round} train")
         trained = []
         for reply in replies:
-            domain = self.domain(reply.metadata.src_node_id)
+            domain = self.silo_of(reply)
             if reply.metadata.message_type != MessageType.TRAIN:
                 self.record_evaluation(server_round - 1, reply)
             elif problem := self.train_reply_problem(reply):
@@ -260,10 +317,8 @@ class SiloFedAvg(FedAvg):
                 )
         self.recorder.complete(server_round - 1)
         # Replies arrive in any order; a fixed order makes the float sums reproducible.
-        trained.sort(key=lambda reply: self.domain(reply.metadata.src_node_id))
-        self.source_models = {
-            self.domain(r.metadata.src_node_id): r.content[ARRAYS] for r in trained
-        }
+        trained.sort(key=lambda reply: self.silo_of(reply))
+        self.source_models = {self.silo_of(r): r.content[ARRAYS] for r in trained}
         if len(trained) < self.min_sources:
             log.warning(
                 "round %d: %d valid source replies < strategy.min_sources=%d; "
@@ -277,7 +332,7 @@ class SiloFedAvg(FedAvg):
         if self.aggregator is None:
             arrays, metrics = super().aggregate_train(server_round, trained)
         else:
-            domains = [self.domain(r.metadata.src_node_id) for r in trained]
+            domains = [self.silo_of(r) for r in trained]
             arrays, metrics = self.aggregator(server_round, trained, domains)
         if arrays is not None:
             self.final_arrays = arrays
@@ -286,7 +341,7 @@ class SiloFedAvg(FedAvg):
 
     def record_evaluation(self, rnd: int, reply: Message) -> None:
         """Record an evaluation reply's accuracy and loss (a malformed one is logged)."""
-        domain = self.domain(reply.metadata.src_node_id)
+        domain = self.silo_of(reply)
         metrics = reply.content.metric_records.get(METRICS, {})
         if not all(isinstance(metrics.get(k), float | int) for k in ("test-accuracy", "test-loss")):
             log.warning("round %d: evaluation reply from %s lacks its metrics", rnd, domain)
@@ -318,7 +373,8 @@ class SiloFedAvg(FedAvg):
         config = ConfigRecord({**self.evaluate_config, "server-round": self.num_rounds})
         content = RecordDict({ARRAYS: self.final_arrays, CONFIG: config})
         messages = self.messages(self.final_evaluation_nodes(grid), content, MessageType.EVALUATE)
-        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        replies = list(grid.send_and_receive(self.expect(messages), timeout=self.timeout))
+        self.record_missing(self.num_rounds, replies, "final evaluation")
         for reply in self.drop_errors(replies, "final evaluation"):
             self.record_evaluation(self.num_rounds, reply)
         self.end_phase(self.num_rounds)

@@ -132,7 +132,7 @@ class FedKA(SiloFedAvg):
         arrays = self.next_arrays if self.next_arrays is not None else arrays
         self.round_start = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        return [m for m in messages if m.metadata.message_type == "train"]
+        return self.expect([m for m in messages if m.metadata.message_type == "train"])
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -192,7 +192,7 @@ class FedKA(SiloFedAvg):
             return
         reply = replies[0]
         metrics = dict(reply.content[METRICS])
-        domain = self.domain(reply.metadata.src_node_id)
+        domain = self.silo_of(reply)
         self.recorder.silo(server_round, domain, metrics)
         tuned = reply.content.array_records.get(ARRAYS)
         if tuned is not None and not same_layout(tuned, aggregate):
