@@ -19,7 +19,7 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import runtime, source, target
+from client import runtime, source, state, target
 from fedalign.config import ConfigError
 from fedalign.data import DataError
 from strategies.utils import ARRAYS, METRICS, SILO
@@ -86,6 +86,8 @@ def evaluate(message: Message, context: Context) -> Message:
         result["test-accuracy"],
     )
     metrics = MetricRecord({"num-examples": len(data.y_test), **result})
+    if cfg.get("run-complete", False):
+        state.discard(silo, cfg)
     return Message(
         RecordDict({METRICS: metrics, SILO: runtime.silo_record(silo)}), reply_to=message
     )

@@ -1,7 +1,8 @@
 """Who a silo is: its domain, role and data, read from the SuperNode's node-config.
 
 Deployment: ``flower-supernode --node-config 'domain="mnist" role="source"'`` (optional keys:
-``data-dir="/path/to/cache"``, ``threads=2``, ``device="cuda"``).
+``data-dir="/path/to/cache"``, ``threads=2``, ``device="cuda"``, ``state-dir="/path"`` where
+the silo keeps its state between rounds for resumed runs; default ``<cache>/silo-state``).
 Simulation: virtual SuperNodes only have ``partition-id``; partition i is the i-th silo of the
 run's config (``data.domains`` order).
 """
@@ -24,6 +25,7 @@ class SiloIdentity:
     data_dir: str | None
     threads: int
     device: str | None
+    state_dir: str | None = None
 
 
 def _run_config(context: Context) -> dict[str, Any]:
@@ -66,4 +68,5 @@ def identify(context: Context) -> SiloIdentity:
         data_dir=str(data_dir) if data_dir else None,
         threads=int(node.get("threads", 0)),
         device=str(node["device"]) if "device" in node else None,
+        state_dir=str(node["state-dir"]) if "state-dir" in node else None,
     )

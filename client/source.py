@@ -6,7 +6,7 @@ import logging
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import runtime
+from client import runtime, state
 from fedalign.config import ConfigError
 from strategies.utils import (
     ARRAYS,
@@ -33,12 +33,13 @@ def train(message: Message, context: Context) -> Message:
     if silo.role != "source":
         raise ConfigError(f"role {silo.role!r} does not train with labels; only sources do")
     model = runtime.build(cfg, message.content[ARRAYS])
+    tag = f"silo {silo.domain} round {cfg.get('server-round', 0)}:"
+    state.ensure(context, silo, cfg, tag)
     local_batchnorm = bool(cfg.get("local-batchnorm", False))
     if local_batchnorm:
         restore_batchnorm(context, model)
     device = runtime.device(silo, cfg)
     model.to(device)
-    tag = f"silo {silo.domain} round {cfg.get('server-round', 0)}:"
     received = evaluate(model, data.x_test, data.y_test, device, runtime.eval_batch(cfg))
     train_cfg = runtime.train_config(cfg, silo)
     optimizer = make_optimizer(model, train_cfg)
@@ -67,6 +68,7 @@ def train(message: Message, context: Context) -> Message:
         save_optimizer(context, optimizer, cfg)
     if local_batchnorm:
         save_batchnorm(context, model)
+    state.persist(context, silo, cfg)
     log.info(
         "%s trained %d steps, loss %.4f%s, received-model test acc %.4f",
         tag,

@@ -140,12 +140,16 @@ def _job(cfg: Any) -> float | None:
     """One Hydra job: validate, build data, run the federation, print the table."""
     from hydra.core.hydra_config import HydraConfig
 
-    from server.launcher import launch
+    from server.launcher import launch, resumable_run
 
     console = _console()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate(cfg)
+        if cfg.resume or cfg.output.run_dir:
+            if run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # Hydra's fresh folder is not used
+            run_dir = resumable_run(cfg) if cfg.resume else Path(cfg.output.run_dir)
         ensure_data(cfg, console.print)
         console.print(
             f"[bold]fedalign[/bold] {cfg.name}: {cfg.federation.mode}, "

@@ -60,10 +60,17 @@ class RunRecorder:
         The target domain: its silo's test accuracy is the headline metric.
     tracker : object, optional
         Anything with ``log(dict, step=int)`` and ``finish()`` (a W&B run), or None.
+    state : dict, optional
+        A checkpoint's ``state()``: continue that record instead of starting an empty one.
     """
 
     def __init__(
-        self, run_dir: Path, config: dict[str, Any], target: str, tracker: Any = None
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        target: str,
+        tracker: Any = None,
+        state: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.target = target
@@ -77,7 +84,10 @@ class RunRecorder:
         from omegaconf import OmegaConf
 
         atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(config))
-        (self.run_dir / "metrics.jsonl").write_text("")
+        if state is not None:
+            self.restore(state)
+        else:
+            (self.run_dir / "metrics.jsonl").write_text("")
 
     def silo(self, rnd: int, domain: str, metrics: dict[str, float]) -> None:
         """Add metrics reported by silo ``domain`` about the model of round ``rnd``."""
@@ -180,6 +190,27 @@ class RunRecorder:
         plt.close(fig)
         os.replace(tmp, out)
         return out
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue this record after a restart (JSON-able)."""
+        return {
+            "silos": {str(r): v for r, v in self.silos.items()},
+            "round_info": {str(r): v for r, v in self.round_info.items()},
+            "round_metrics": {str(r): v for r, v in self.round_metrics.items()},
+            "lines": self.lines,
+            "elapsed": time.perf_counter() - self.start,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``state()``; metrics.jsonl is rewritten to the checkpoint's lines
+        (a line written after the checkpoint will be written again by the resumed run)."""
+        for name in ("silos", "round_info", "round_metrics"):
+            setattr(self, name, defaultdict(dict, {int(r): v for r, v in state[name].items()}))
+        self.lines = list(state["lines"])
+        self.start = time.perf_counter() - float(state["elapsed"])
+        atomic_write_text(
+            self.run_dir / "metrics.jsonl", "".join(json.dumps(x) + "\n" for x in self.lines)
+        )
 
     def finish(self, status: str, error: str | None = None, **extra: Any) -> dict[str, Any]:
         """Write ``summary.json`` (also on failure) and close the tracker."""

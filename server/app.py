@@ -22,7 +22,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from fedalign.config import compose, from_json, silos, validate
+from fedalign import checkpoint
+from fedalign.config import compose, from_json, silos, to_json, validate
 from fedalign.errors import FedalignError
 from fedalign.runlog import RunRecorder
 from server.audit import BoundaryAudit
@@ -33,6 +34,9 @@ from strategies.utils import to_config, to_record
 log = logging.getLogger("fedalign.server")
 app = ServerApp()
 LOG_PREFIX = "fedalign |"
+CHECKPOINT = "checkpoint.npz"
+# Config keys that may differ between a run and its resumption (where and how it runs).
+RESUMABLE_CHANGES = ("federation", "output", "wandb", "verbose", "device", "resume", "name")
 
 
 def setup_logging() -> None:
@@ -64,7 +68,37 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return (Path(cfg.output.root) / f"{stamp}-{cfg.name}").resolve()
 
 
-def message_configs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def run_key(run_dir: Path) -> str:
+    """Names this run's state on the silos' disks; the same for a resumed run."""
+    import hashlib
+
+    return f"{run_dir.name}-{hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]}"
+
+
+def identity(cfg: DictConfig) -> str:
+    """The config as far as a resumed run must match it."""
+    import json
+
+    values = json.loads(to_json(cfg))
+    return json.dumps(
+        {k: v for k, v in values.items() if k not in RESUMABLE_CHANGES}, sort_keys=True
+    )
+
+
+def load_resume(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The verified checkpoint of ``run_dir`` for ``resume=true`` (FedalignError if unusable)."""
+    state, groups = checkpoint.load(run_dir / CHECKPOINT)
+    if state.get("config") != identity(cfg):
+        raise checkpoint.CheckpointError(
+            f"checkpoint {run_dir / CHECKPOINT} was written with a different config (strategy, "
+            "data, model or training settings); resume with the run's own config.yaml"
+        )
+    return state, groups
+
+
+def message_configs(
+    cfg: DictConfig, run_dir: Path
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """What the silos are told: data settings, train settings, evaluate settings."""
     data = {
         "data-source": cfg.data.source,
@@ -73,6 +107,7 @@ def message_configs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any], di
     }
     common = {
         **data,
+        "run-key": run_key(run_dir),
         "model": cfg.model.name,
         "num-classes": int(cfg.model.num_classes),
         "in-channels": int(cfg.model.in_channels),
@@ -94,8 +129,14 @@ def message_configs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any], di
     return data, train, common
 
 
-def run(grid: Grid, cfg: DictConfig, recorder: RunRecorder) -> dict[str, Any]:
-    """Discover silos, run the strategy for ``cfg.rounds``, save the final weights."""
+def run(
+    grid: Grid,
+    cfg: DictConfig,
+    recorder: RunRecorder,
+    resume: tuple[dict[str, Any], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Discover silos, run the strategy for ``cfg.rounds`` (from a checkpoint's next round when
+    ``resume`` is given), checkpoint after every round, save the final weights."""
     import numpy as np
     import torch
 
@@ -104,15 +145,34 @@ def run(grid: Grid, cfg: DictConfig, recorder: RunRecorder) -> dict[str, Any]:
 
     audit = BoundaryAudit(recorder.run_dir / "boundary.jsonl")
     metered = MeteredGrid(grid, taps=[audit])
-    data_cfg, train_cfg, eval_cfg = message_configs(cfg)
+    data_cfg, train_cfg, eval_cfg = message_configs(cfg, recorder.run_dir)
     roster = discover_silos(metered, silos(cfg), float(cfg.federation.connect_timeout), data_cfg)
     audit.names = {node: silo.domain for node, silo in roster.items()}
     strategy = build_strategy(cfg, roster, recorder)
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model.name, int(cfg.model.num_classes), int(cfg.model.in_channels))
+    initial = to_record(get_weights(model))
+    if resume is not None:
+        state, groups = resume
+        strategy.restore(int(state["round"]) + 1, groups)
+        initial = to_record(groups["arrays"])
+        torch.set_rng_state(torch.from_numpy(groups["rng"]["torch"]))
+        log.info("resuming after round %d (checkpoint %s)", state["round"], CHECKPOINT)
+    identity_text = identity(cfg)
+
+    def save_checkpoint(rnd: int, arrays: Any) -> None:
+        groups = {
+            "arrays": {k: a.numpy() for k, a in arrays.items()},
+            "rng": {"torch": torch.get_rng_state().numpy()},
+            **strategy.checkpoint_groups(),
+        }
+        state = {"round": rnd, "config": identity_text, "recorder": recorder.state()}
+        checkpoint.save(recorder.run_dir / CHECKPOINT, state, groups)
+
+    strategy.on_round_end = save_checkpoint
     strategy.start(
         grid=metered,
-        initial_arrays=to_record(get_weights(model)),
+        initial_arrays=initial,
         num_rounds=int(cfg.rounds),
         timeout=float(cfg.federation.round_timeout),
         train_config=to_config(train_cfg),
@@ -132,12 +192,21 @@ def main(grid: Grid, context: Context) -> None:
 
     cfg = load_config(context.run_config)
     run_dir = run_dir_of(cfg)
+    resume = None
+    if bool(OmegaConf.select(cfg, "resume", default=False)):
+        try:  # verified before anything in the run folder is touched
+            resume = load_resume(cfg, run_dir)
+        except FedalignError as exc:
+            log.error("error: %s", exc)
+            raise
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker = start_wandb(config, run_dir, run_dir.name)
-    recorder = RunRecorder(run_dir, config, cfg.data.target, tracker)
+    recorder = RunRecorder(
+        run_dir, config, cfg.data.target, tracker, state=resume[0]["recorder"] if resume else None
+    )
     log.info("run folder: %s", run_dir)
     try:
-        extra = run(grid, cfg, recorder)
+        extra = run(grid, cfg, recorder, resume)
     except FedalignError as exc:
         log.error("error: %s", exc)
         recorder.finish("failed", error=str(exc))

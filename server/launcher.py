@@ -333,10 +333,35 @@ class LocalFederation:
         self.stop()
 
 
+def resumable_run(cfg: DictConfig) -> Path:
+    """For ``resume=true``: ``output.run_dir`` if set, else the newest run folder of this run's
+    name under ``output.root`` that has a checkpoint and did not complete."""
+    from server.app import CHECKPOINT
+
+    chosen = OmegaConf.select(cfg, "output.run_dir")
+    if chosen:
+        return Path(chosen)
+    candidates = sorted(Path(cfg.output.root).glob(f"*-{cfg.name}/{CHECKPOINT}"), reverse=True)
+    for path in candidates:
+        summary = path.parent / "summary.json"
+        if not summary.exists() or json.loads(summary.read_text()).get("status") != "completed":
+            return path.parent
+    raise LaunchError(
+        f"resume=true: no unfinished run named '{cfg.name}' with a {CHECKPOINT} under "
+        f"{cfg.output.root}/; give output.run_dir=<run folder> or start a new run"
+    )
+
+
 def launch(cfg: DictConfig, run_dir: Path, echo: Any = print) -> dict[str, Any]:
-    """Run ``cfg`` on a local federation; returns summary.json's content."""
+    """Run ``cfg`` on a local federation; returns summary.json's content. With ``resume``,
+    the run folder's checkpoint is verified before anything starts."""
     run_dir = run_dir.resolve()
     OmegaConf.update(cfg, "output.run_dir", str(run_dir), force_add=True)
+    if bool(OmegaConf.select(cfg, "resume", default=False)):
+        from server.app import CHECKPOINT, load_resume
+
+        state, _ = load_resume(cfg, run_dir)
+        echo(f"resuming {run_dir} after round {state['round']} of {cfg.rounds} ({CHECKPOINT})")
     with LocalFederation(cfg, run_dir, echo) as federation:
         federation.start()
         status = federation.submit(verbose=bool(OmegaConf.select(cfg, "verbose", default=False)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -22,7 +23,7 @@ from fedalign.config import Silo
 from fedalign.errors import FederationError
 from fedalign.runlog import RunRecorder
 from server.grid import MeteredGrid
-from strategies.utils import ARRAYS, CONFIG, INFO, METRICS, SILO
+from strategies.utils import ARRAYS, CONFIG, INFO, METRICS, SILO, to_record
 
 log = logging.getLogger("fedalign.strategy")
 
@@ -96,6 +97,8 @@ class SiloFedAvg(FedAvg):
         self.train_config = ConfigRecord()
         self.evaluate_config = ConfigRecord()
         self.max_update_norm: float | None = None
+        self.first_round = 1
+        self.on_round_end: Callable[[int, ArrayRecord], None] | None = None
         self._sent: dict[str, tuple[tuple[int, ...], str]] = {}
         self._global: dict[str, np.ndarray] = {}
         self._expected: set[str] = set()
@@ -233,17 +236,58 @@ class SiloFedAvg(FedAvg):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: object = None,
     ) -> Result:
-        """Flower's round loop, then one evaluation of the final model (see module doc)."""
-        self.final_arrays = initial_arrays
+        """Flower's round loop (train phase, evaluate phase per round) from round
+        ``first_round`` on, then one evaluation of the final model (see module doc).
+
+        Flower's own ``Strategy.start`` always begins at round 1; this loop is the same one
+        with a first round, so that a run resumed from a checkpoint continues where it was.
+        After every round ``on_round_end(round, arrays)`` is called (the ServerApp writes its
+        checkpoint there).
+        """
+        self.final_arrays = self.final_arrays or initial_arrays
         self.timeout = timeout
         self.train_config = train_config or ConfigRecord()
         self.evaluate_config = evaluate_config or ConfigRecord()
-        self.before_rounds(grid, initial_arrays)
-        result = super().start(
-            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
-        )
+        if self.first_round == 1:
+            self.before_rounds(grid, initial_arrays)
+        result = Result(arrays=initial_arrays)
+        arrays = initial_arrays
+        for rnd in range(self.first_round, num_rounds + 1):
+            replies = grid.send_and_receive(
+                self.configure_train(rnd, arrays, self.train_config, grid), timeout=timeout
+            )
+            aggregated, metrics = self.aggregate_train(rnd, replies)
+            if aggregated is not None:
+                arrays = result.arrays = aggregated
+            if metrics is not None:
+                result.train_metrics_clientapp[rnd] = metrics
+            replies = grid.send_and_receive(
+                self.configure_evaluate(rnd, arrays, self.evaluate_config, grid), timeout=timeout
+            )
+            self.aggregate_evaluate(rnd, replies)
+            if self.on_round_end is not None:
+                self.on_round_end(rnd, arrays)
         self.evaluate_final(grid)
         return result
+
+    # Checkpoints -------------------------------------------------------------------------
+    # Strategy attributes (ArrayRecords) a checkpoint keeps, by group name.
+    CHECKPOINTED: ClassVar[dict[str, str]] = {"final": "final_arrays"}
+
+    def checkpoint_groups(self) -> dict[str, dict[str, np.ndarray]]:
+        """The strategy's state as named groups of arrays (None attributes are left out)."""
+        groups = {}
+        for group, attribute in self.CHECKPOINTED.items():
+            record = getattr(self, attribute)
+            if record is not None:
+                groups[group] = {k: a.numpy() for k, a in record.items()}
+        return groups
+
+    def restore(self, first_round: int, groups: dict[str, dict[str, np.ndarray]]) -> None:
+        """Continue at ``first_round`` with the state of ``checkpoint_groups``."""
+        self.first_round = first_round
+        for group, attribute in self.CHECKPOINTED.items():
+            setattr(self, attribute, to_record(groups[group]) if group in groups else None)
 
     def before_rounds(self, grid: Grid, initial_arrays: ArrayRecord) -> None:
         """A hook for work before round 1 (FedKA asks the target silo for embeddings)."""
@@ -370,7 +414,9 @@ class SiloFedAvg(FedAvg):
     def evaluate_final(self, grid: Grid) -> None:
         """One ``evaluate`` phase with the final model; completes the last round's line."""
         self.start_phase(grid)
-        config = ConfigRecord({**self.evaluate_config, "server-round": self.num_rounds})
+        config = ConfigRecord(
+            {**self.evaluate_config, "server-round": self.num_rounds, "run-complete": True}
+        )
         content = RecordDict({ARRAYS: self.final_arrays, CONFIG: config})
         messages = self.messages(self.final_evaluation_nodes(grid), content, MessageType.EVALUATE)
         replies = list(grid.send_and_receive(self.expect(messages), timeout=self.timeout))

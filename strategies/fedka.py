@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from typing import ClassVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -97,6 +98,12 @@ class FedKA(SiloFedAvg):
         self.next_arrays: ArrayRecord | None = None
         self.round_start: ArrayRecord | None = None
         self.round_aggregate: ArrayRecord | None = None
+
+    CHECKPOINTED: ClassVar[dict[str, str]] = {
+        **SiloFedAvg.CHECKPOINTED,
+        "embeddings": "embeddings",  # what the sources align to in the next round
+        "next": "next_arrays",  # the fine-tuned model the next round starts from
+    }
 
     def alpha(self, server_round: int) -> float:
         """alpha(p) with p = server_round / num_rounds, the training progress after it."""

@@ -1,12 +1,19 @@
-"""Faults injected for real into a running deployment: a source SuperNode SIGKILLed mid-round."""
+"""Faults injected for real into running deployments: a source SuperNode SIGKILLed mid-round,
+the SuperLink SIGKILLed mid-run and the run resumed from its checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -16,6 +23,7 @@ from server.processes import descendants
 from tests.conftest import free_ports, port_overrides
 
 pytestmark = pytest.mark.e2e
+FEDALIGN = str(Path(sys.executable).parent / "fedalign")
 
 
 def kill_tree(pid: int) -> None:
@@ -73,3 +81,83 @@ def test_source_killed_mid_round_is_dropped_and_rejoins(digits_cache, tmp_path):
     assert any("silo usps rejoined on node" in line for line in seen)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds_completed"] == 5
+
+
+def server_pids(marker: str, name: str) -> list[int]:
+    """Live processes of this test (their environment carries ``marker``) running ``name``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if marker.encode() in environ and name.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_superlink_killed_mid_run_resumes_to_identical_weights(digits_cache, tmp_path):
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "FEDALIGN_TEST_MARK": marker, "FEDALIGN_CACHE": str(tmp_path / "cache")}
+    base = [
+        "data.domains=[mnist,usps,mnistm]",
+        f"data.cache_dir={digits_cache}",
+        "rounds=4",
+        "train.local_steps=10",
+        "wandb.mode=disabled",
+        "federation.connect_timeout=60",
+    ]
+
+    def fedalign(*args: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [FEDALIGN, *args], capture_output=True, text=True, env=env, timeout=400, **kwargs
+        )
+
+    reference = tmp_path / "reference"
+    done = fedalign("run", *base, *port_overrides(3), f"output.run_dir={reference}")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    crashed = tmp_path / "crashed"
+    with subprocess.Popen(
+        [FEDALIGN, "run", *base, *port_overrides(3), f"output.run_dir={crashed}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    ) as run:
+        for line in run.stdout:
+            if "round 3/4: training on" in line:  # rounds 1 and 2 are checkpointed
+                for pid in server_pids(marker, "flower-superlink"):
+                    os.kill(pid, signal.SIGKILL)
+                break
+        run.communicate(timeout=300)
+    assert run.returncode != 0
+    checkpoint = crashed / "checkpoint.npz"
+    saved = checkpoint.read_bytes()
+    lines_before = (crashed / "metrics.jsonl").read_text()
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(crashed, corrupt)
+    data = bytearray(saved)
+    data[len(data) // 2] ^= 0xFF
+    (corrupt / "checkpoint.npz").write_bytes(bytes(data))
+    done = fedalign("run", *base, *port_overrides(3), "resume=true", f"output.run_dir={corrupt}")
+    assert done.returncode == 1
+    error = [row for row in done.stderr.splitlines() if row.strip()]
+    assert len(error) == 1 and "it was not loaded" in error[0], done.stderr
+    assert (corrupt / "checkpoint.npz").read_bytes() == bytes(data)  # reported, left as it was
+    assert (corrupt / "metrics.jsonl").read_text() == lines_before
+
+    done = fedalign("run", *base, *port_overrides(3), "resume=true", f"output.run_dir={crashed}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stdout and "after round 2 of 4" in done.stdout
+    with np.load(reference / "final_weights.npz") as a, np.load(crashed / "final_weights.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            assert np.array_equal(a[name], b[name]), name  # bit for bit
+    rounds = [json.loads(r)["round"] for r in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2, 3, 4]
+    assert server_pids(marker, "flower") == []
