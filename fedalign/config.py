@@ -79,9 +79,12 @@ def _require(condition: bool, message: str) -> None:
 def _number(cfg: DictConfig, key: str, kind: type = int, minimum: float = 1) -> float:
     value = OmegaConf.select(cfg, key)
     try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+            raise TypeError  # int(1.5) would silently give 1
         number = kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"config: {key}={value!r} is not a {kind.__name__}") from None
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"config: {key}={value!r} is not {what}") from None
     _require(number >= minimum, f"{key} must be >= {minimum} (got {value})")
     return number
 
@@ -137,6 +140,11 @@ def validate(cfg: DictConfig) -> None:
     _require(len(domains) >= 2, "data.domains needs the target and at least one source domain")
     for key in ("rounds", "train.local_steps", "train.batch_size", "eval.batch_size"):
         _number(cfg, key)
+    _number(cfg, "seed", minimum=0)
+    _number(cfg, "data.seed", minimum=0)
+    from fedalign.data.sources import source_names
+
+    _choice(cfg, "data.source", source_names())
     _number(cfg, "train.lr", float, minimum=1e-12)
     _number(cfg, "train.weight_decay", float, minimum=0)
     _number(cfg, "strategy.min_sources")

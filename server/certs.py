@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -55,10 +56,19 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
 def _san(name: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
+        if not HOSTNAME.match(name):
+            raise CertificateError(
+                f"certs: --san {name!r} is neither an IP address nor a DNS name"
+            ) from None
         return x509.DNSName(name)
 
 
@@ -99,6 +109,11 @@ def make_certificates(
 ) -> dict[str, Path]:
     """Create (or complete) the folder described in the module doc; returns the main paths."""
     out = Path(out)
+    sans = list(sans)
+    if not sans:
+        raise CertificateError("certs: give at least one --san (an address silos connect to)")
+    for name in sans:  # every name is checked before any file is written
+        _san(name)
     (out / "silos").mkdir(parents=True, exist_ok=True)
     paths = {
         "ca": out / "ca.crt",
@@ -106,9 +121,6 @@ def make_certificates(
         "cert": out / "superlink.crt",
         "key": out / "superlink.key",
     }
-    sans = list(sans)
-    if not sans:
-        raise CertificateError("certs: give at least one --san (an address silos connect to)")
     if paths["ca"].exists() != paths["ca_key"].exists():
         raise CertificateError(f"certs: {out} has only one of ca.crt and ca.key; remove it")
     if not paths["ca"].exists():

@@ -231,6 +231,12 @@ def build_all(
     for name in domains:
         check_domain(name)
     paths = {}
-    for name in tqdm(domains, desc="digits5", unit="domain", disable=None):
-        paths[name] = ensure_domain(name, cache_dir, seed, "always" if force else "auto")
+    try:
+        for name in tqdm(domains, desc="digits5", unit="domain", disable=None):
+            paths[name] = ensure_domain(name, cache_dir, seed, "always" if force else "auto")
+    except OSError as exc:
+        raise DataError(
+            f"data cache {cache_dir or default_cache_dir()}: {exc.strerror or exc} "
+            f"({exc.filename}); set data.cache_dir to a folder this user can write"
+        ) from None
     return paths

@@ -58,6 +58,11 @@ _SOURCES: dict[str, Callable[..., DomainSource]] = {
 }
 
 
+def source_names() -> tuple[str, ...]:
+    """The registered data sources (``data.source``)."""
+    return tuple(sorted(_SOURCES))
+
+
 def get_source(name: str, **kwargs: object) -> DomainSource:
     """Create the registered source ``name`` with ``kwargs`` passed to its constructor."""
     if name not in _SOURCES:

@@ -1,0 +1,134 @@
+"""The bad-input sweep: every case is run through the real ``fedalign`` command and must print
+exactly one ``error:`` line (no traceback), exit non-zero and start no Flower process.
+docs/bad-inputs.md lists the same cases with the line each one gets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedalign import checkpoint
+from server.certs import make_certificates
+from tests.conftest import port_overrides
+
+FEDALIGN = str(Path(sys.executable).parent / "fedalign")
+DOC = Path(__file__).resolve().parent.parent / "docs" / "bad-inputs.md"
+
+
+def prepare(tmp: Path, cache: Path) -> dict[str, str]:
+    """Files the cases point at: checkpoints and certificate folders gone wrong."""
+    corrupt = tmp / "corrupt-run"
+    checkpoint.save(corrupt / "checkpoint.npz", {"round": 1}, {"arrays": {"w": np.ones(3)}})
+    raw = bytearray((corrupt / "checkpoint.npz").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (corrupt / "checkpoint.npz").write_bytes(bytes(raw))
+    other = tmp / "other-config-run"
+    checkpoint.save(other / "checkpoint.npz", {"round": 1, "config": "{}"}, {})
+    make_certificates(tmp / "certs-a", ["mnist"])
+    make_certificates(tmp / "certs-b", ["mnist"])
+    (tmp / "certs-a" / "ca.crt").write_bytes((tmp / "certs-b" / "ca.crt").read_bytes())
+    (tmp / "a-file").write_text("not a folder")
+    return {
+        "corrupt": str(corrupt),
+        "other": str(other),
+        "foreign": str(tmp / "certs-a"),
+        "empty": str(tmp / "empty"),
+        "file": str(tmp / "a-file"),
+        "data": f"data.cache_dir={cache} data.domains=[mnist,usps,mnistm]",
+    }
+
+
+# (case, fedalign arguments with {placeholders}, the expected part of the one error line)
+CASES = [
+    ("unknown config key", "run foo=1", "config: unknown key 'foo'"),
+    ("unknown group option", "run strategy=bogus", "Could not find 'strategy/bogus'"),
+    ("value of the wrong type", "run train.lr=fast", "train.lr='fast' is not a number"),
+    ("non-integer seed", "run seed=1.5", "seed=1.5 is not an integer"),
+    ("out-of-range value", "run rounds=0", "rounds must be >= 1"),
+    ("unknown domain", "run data.target=kmnist", "data.target='kmnist' is not one of"),
+    ("unknown data source", "run data.source=imagenet", "data.source='imagenet' (known"),
+    ("unknown device", "run device=tpu", "device='tpu'"),
+    (
+        "robust aggregation with Fisher merging",
+        "run strategy=fisher updates.robust=median",
+        "merges by Fisher",
+    ),
+    ("authentication without TLS", "run federation.auth=true", "needs federation.tls=true"),
+    (
+        "TLS in the simulation",
+        "simulate +federation.tls=true",
+        "federation.tls applies to a deployment",
+    ),
+    (
+        "data cache that is not a folder",
+        "run data.cache_dir={file}/x",
+        "set data.cache_dir to a folder this user can write",
+    ),
+    (
+        "TLS with a certificate folder that is missing",
+        "run federation.tls=true federation.certs_dir={empty} {data} {ports}",
+        "create them with `fedalign certs",
+    ),
+    (
+        "TLS with a SuperLink certificate from another CA",
+        "run federation.tls=true federation.certs_dir={foreign} {data} {ports}",
+        "was not signed by",
+    ),
+    (
+        "certificate for an invalid address",
+        "certs {empty}/certs --san bad_name!",
+        "neither an IP address nor a DNS name",
+    ),
+    (
+        "resume with no run to resume",
+        "run resume=true output.root={empty} {data}",
+        "resume=true: no unfinished run named",
+    ),
+    (
+        "resume from a corrupt checkpoint",
+        "run resume=true output.run_dir={corrupt} {data}",
+        "is unreadable (BadZipFile); it was not loaded",
+    ),
+    (
+        "resume with a different config",
+        "run resume=true output.run_dir={other} {data}",
+        "was written with a different config",
+    ),
+    ("unknown grid preset", "grid nope", "grid: no preset 'nope'"),
+    ("unknown command", "train", "unknown command 'train'"),
+]
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory, digits_cache) -> dict[str, str]:
+    return prepare(tmp_path_factory.mktemp("bad"), digits_cache)
+
+
+@pytest.mark.parametrize(("case", "args", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_error_line(places, case, args, expected):
+    marker = uuid.uuid4().hex
+    argv = args.format(**places, ports=" ".join(port_overrides(2))).split()
+    done = subprocess.run(
+        [FEDALIGN, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FEDALIGN_TEST_MARK": marker},
+        timeout=120,
+    )
+    lines = [row for row in done.stderr.splitlines() if row.strip()]
+    assert done.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_every_case_is_in_the_docs():
+    text = DOC.read_text()
+    for case, _, expected in CASES:
+        assert case in text and expected.replace("`", "") in text.replace("`", ""), case
