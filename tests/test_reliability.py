@@ -55,16 +55,15 @@ def test_source_killed_mid_round_is_dropped_and_rejoins(digits_cache, tmp_path):
 
         def on_line(line: str) -> None:
             seen.append(line)
-            if "round 2/5: training on" in line and "killed" not in events:
+            if "round 2/5: training on" in line and not events:
                 silo = next(p for p in federation.procs.processes if p.name == "silo-usps")
                 kill_tree(silo.popen.pid)  # the round's train message is on its way to usps
                 events["killed"] = True
-            elif "no reply from usps" in line and "restarted" not in events:
-                index, silo = next((i, s) for i, s in enumerate(silos(cfg)) if s.domain == "usps")
-                argv = federation.supernode_argv(index, silo)
+                index = [s.domain for s in silos(cfg)].index("usps")
+                argv = federation.supernode_argv(index, silos(cfg)[index])
                 argv[argv.index("--port") + 1] = str(free_ports(1)[0])
                 federation.procs.start("silo-usps-again", argv, run_dir / "logs" / "usps2.log")
-                events["restarted"] = True
+                events["restarted"] = True  # a new node ID; it rejoins at the next round
 
         federation.echo = on_line
         federation.start()
