@@ -24,6 +24,7 @@ from fedalign.results import cell_dir, is_complete
 from fedalign.runlog import atomic_write_text
 
 PRESET_KEYS = {"name", "engine", "targets", "methods", "seeds", "overrides"}
+OPTIONAL_KEYS = {"per_target"}  # target -> method -> extra overrides (e.g. from validation)
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -33,8 +34,15 @@ def load_preset(name: str) -> dict[str, Any]:
         known = ", ".join(sorted(p.stem for p in (CONF_DIR / "grid").glob("*.yaml")))
         raise ConfigError(f"grid: no preset '{name}' (known: {known}, or a path to a .yaml)")
     preset = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if set(preset) != PRESET_KEYS:
-        raise ConfigError(f"grid: {path} must have exactly the keys {sorted(PRESET_KEYS)}")
+    if not PRESET_KEYS <= set(preset) <= PRESET_KEYS | OPTIONAL_KEYS:
+        raise ConfigError(
+            f"grid: {path} must have the keys {sorted(PRESET_KEYS)} "
+            f"(optional: {sorted(OPTIONAL_KEYS)})"
+        )
+    for target, methods in preset.get("per_target", {}).items():
+        unknown = sorted(set(methods) - set(preset["methods"]))
+        if target not in preset["targets"] or unknown:
+            raise ConfigError(f"grid: per_target.{target} names no target or method {unknown}")
     if preset["engine"] not in ("simulation", "deployment"):
         raise ConfigError(f"grid: engine={preset['engine']!r} (use simulation or deployment)")
     return preset
@@ -47,6 +55,7 @@ def cell_overrides(preset: dict[str, Any], target: str, method: str, seed: int) 
         "wandb.mode=disabled",
         *preset["overrides"],
         *preset["methods"][method],
+        *preset.get("per_target", {}).get(target, {}).get(method, []),
         f"data.target={target}",
         f"seed={seed}",
     ]
@@ -77,6 +86,7 @@ def settings_line(preset: dict[str, Any]) -> str:
         f"{cfg.train.local_steps} local steps (batch {cfg.train.batch_size}, "
         f"{cfg.train.optimizer} lr {cfg.train.lr}); silos {list(cfg.data.domains)}; "
         f"grid overrides {preset['overrides']}; methods {preset['methods']}"
+        + (f"; per target {preset['per_target']}" if preset.get("per_target") else "")
     )
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fedalign.config import ConfigError
+from fedalign.config import ConfigError, compose
 from fedalign.results import accuracy_table
-from server.experiments import cells, load_preset
+from server.experiments import cell_overrides, cells, load_preset
 
 FEDALIGN = str(Path(sys.executable).parent / "fedalign")
 
@@ -79,6 +79,21 @@ def test_presets_cover_the_grid():
     assert len(cells(load_preset("smoke"))) == 2 * 2 * 1
     with pytest.raises(ConfigError, match="no preset 'huge'"):
         load_preset("huge")
+
+
+def test_per_target_overrides_reach_only_their_cells(tmp_path):
+    full = load_preset("full")
+    syn = compose(cell_overrides(full, "syn", "fedka", 0))
+    usps = compose(cell_overrides(full, "usps", "fedka", 0))
+    assert (syn.strategy.start_from, usps.strategy.start_from) == ("finetuned", "averaged")
+    assert compose(cell_overrides(full, "syn", "fedvote", 0)).strategy.start_from == "averaged"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: bad\nengine: simulation\ntargets: [syn]\nmethods: {fedka: [strategy=fedka]}\n"
+        "seeds: [0]\noverrides: []\nper_target: {syn: {fisher: [seed=1]}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"per_target.syn names no target or method \['fisher'\]"):
+        load_preset(str(bad))
 
 
 def test_accuracy_table_means_and_averages():
