@@ -10,16 +10,15 @@ and nothing of it is used.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedalign.data.cache import array_checksum, atomic_write_bytes
 from fedalign.errors import FedalignError
 
 STATE = "__state__"
@@ -30,32 +29,16 @@ class CheckpointError(FedalignError):
     """A checkpoint is missing, corrupt or does not belong to this run."""
 
 
-def _digest(arrays: dict[str, np.ndarray]) -> str:
-    sha = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        sha.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
-        sha.update(array.tobytes())
-    return sha.hexdigest()
-
-
 def save(path: Path, state: dict[str, Any], groups: dict[str, dict[str, np.ndarray]]) -> None:
     """Write ``state`` (JSON-able) and ``groups`` of arrays to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {f"{group}/{name}": a for group, arrays in groups.items() for name, a in arrays.items()}
-    document = {"format": FORMAT, "state": state, "sha256": _digest(flat)}
+    document = {"format": FORMAT, "state": state, "sha256": array_checksum(flat)}
     flat[STATE] = np.frombuffer(json.dumps(document).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **flat)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
@@ -71,7 +54,7 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({type(exc).__name__}); it was not loaded"
         ) from None
-    if document.get("format") != FORMAT or document.get("sha256") != _digest(flat):
+    if document.get("format") != FORMAT or document.get("sha256") != array_checksum(flat):
         raise CheckpointError(
             f"checkpoint {path} failed its integrity check (sha256 mismatch); it was not loaded"
         )
