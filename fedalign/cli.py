@@ -3,12 +3,18 @@
     fedalign run [hydra overrides] [-m]     run a federation on this machine (real processes)
     fedalign simulate [hydra overrides]     the same in Flower's simulation engine
     fedalign data build [--force]           build/verify the offline Digits-5 cache
+                        [--per-silo]        (one folder per domain, for containers)
     fedalign data montage [--out PNG]       a picture of every domain
     fedalign grid PRESET [--root DIR]       run a resumable grid (conf/grid/PRESET.yaml) and
                                             write docs/results*.md, .csv and .png
     fedalign results PRESET [--root DIR]    regenerate those files from the run folders
     fedalign certs DIR [--san A] [--silo S] a CA, SuperLink certificate and silo keys for TLS
                                             and SuperNode authentication (docs/security.md)
+    fedalign submit --superlink HOST:PORT [--root-certificates CA] [hydra overrides]
+                                            run the app on a SuperLink that is already up (a
+                                            compose or multi-machine federation: docker/)
+    fedalign register --superlink HOST:PORT --root-certificates CA KEY.pub|DIR ...
+                                            register silo keys (SuperNode authentication)
 
 Errors a user can fix print one line (``error: ...``) and exit non-zero.
 """
@@ -186,11 +192,23 @@ def data_command(argv: list[str]) -> None:
         p.add_argument("--cache-dir", default=None, help="cache folder (default: see README)")
         p.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
+    build.add_argument(
+        "--per-silo",
+        action="store_true",
+        help="one folder per domain, <cache-dir>/<domain>/, to mount into that silo alone",
+    )
     montage.add_argument("--out", type=Path, default=Path("outputs/digits5-montage.png"))
     args = parser.parse_args(argv)
-    from fedalign.data import build_all, write_montage
+    from fedalign.data import DIGITS5_DOMAINS, build_all, write_montage
 
-    if args.action == "build":
+    if args.action == "build" and args.per_silo:
+        if not args.cache_dir:
+            fail("data build --per-silo needs --cache-dir DIR", 2)
+        for domain in DIGITS5_DOMAINS:
+            folder = Path(args.cache_dir) / domain
+            path = build_all(folder, seed=args.seed, force=args.force, domains=(domain,))[domain]
+            print(f"{domain}: {path}")
+    elif args.action == "build":
         for domain, path in build_all(args.cache_dir, seed=args.seed, force=args.force).items():
             print(f"{domain}: {path}")
     else:
@@ -204,7 +222,13 @@ def grid_command(action: str, argv: list[str]) -> None:
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="where results go")
     args = parser.parse_args(argv)
     from fedalign.results import write_results
-    from server.experiments import load_preset, run_grid, settings_line
+    from server.experiments import (
+        default_config,
+        expected_config,
+        load_preset,
+        run_grid,
+        settings_line,
+    )
 
     preset = load_preset(args.preset)
     counts = {"failed": 0}
@@ -214,7 +238,14 @@ def grid_command(action: str, argv: list[str]) -> None:
             f"grid {preset['name']}: {counts['done']} run, {counts['skipped']} skipped, "
             f"{counts['failed']} failed"
         )
-    paths = write_results(preset, args.root, args.docs, settings_line(preset))
+    paths = write_results(
+        preset,
+        args.root,
+        args.docs,
+        settings_line(preset),
+        lambda target, method, seed: expected_config(preset, target, method, seed),
+        default_config(),
+    )
     print(f"results: {paths['md']}")
     if counts["failed"]:
         fail(f"{counts['failed']} cell(s) failed; run the same command again to retry them")
@@ -248,6 +279,79 @@ def certs_command(argv: list[str]) -> None:
         f"SuperLink: {paths['cert']}, {paths['key']} (SANs: {', '.join(args.san or DEFAULT_SANS)})"
     )
     print(f"silo keys: {args.out / 'silos'}/<silo> (private, one per silo) and <silo>.pub")
+
+
+def _connection_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--superlink", required=True, help="the SuperLink's Control API address")
+    parser.add_argument(
+        "--root-certificates",
+        type=Path,
+        help="the federation's CA certificate (TLS); else plaintext",
+    )
+
+
+def _flower_env(tmp: str, args: argparse.Namespace) -> dict[str, str]:
+    """A throw-away FLWR_HOME with one connection to ``args.superlink``."""
+    import os
+
+    from server.submit import write_connection
+
+    if args.root_certificates and not args.root_certificates.is_file():
+        fail(f"CA certificate {args.root_certificates} not found", 2)
+    home = Path(tmp) / "flwr"
+    ca = args.root_certificates.resolve() if args.root_certificates else None
+    write_connection(home, args.superlink, ca)
+    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def register_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="fedalign register")
+    _connection_args(parser)
+    parser.add_argument(
+        "keys", type=Path, nargs="+", help="silo public keys (KEY.pub), or folders of them"
+    )
+    args = parser.parse_args(argv)
+    import tempfile
+
+    from server.submit import register_keys
+
+    keys = []
+    for path in args.keys:
+        found = sorted(path.glob("*.pub")) if path.is_dir() else [path]
+        if not found or not all(key.is_file() for key in found):
+            fail(f"register: no silo public key at {path}; make keys with `fedalign certs`", 2)
+        keys += [key.resolve() for key in found]
+    with tempfile.TemporaryDirectory(prefix="fedalign-register-") as tmp:
+        register_keys(keys, _flower_env(tmp, args))
+    print(f"registered {len(keys)} silo key(s): {', '.join(k.stem for k in keys)}")
+
+
+def submit_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="fedalign submit")
+    _connection_args(parser)
+    parser.add_argument("--verbose", action="store_true", help="print Flower's own log lines too")
+    args, overrides = parser.parse_known_args(argv)
+    if bad := [o for o in overrides if o.startswith("-")]:
+        fail(f"submit: unknown option {bad[0]} (hydra overrides are key=value)", 2)
+    import tempfile
+
+    from server.submit import submit
+
+    try:
+        cfg = compose(overrides)
+        validate(cfg)
+    except FedalignError as exc:
+        fail(str(exc), code=2)
+    with tempfile.TemporaryDirectory(prefix="fedalign-submit-") as tmp:
+        env = _flower_env(tmp, args)
+        print(
+            f"fedalign {cfg.name}: submitting to {args.superlink} ({len(cfg.data.domains)} silos)"
+        )
+        log = Path(tmp) / "server.log"
+        run_id, status = submit(cfg, env, Path(tmp), log, verbose=args.verbose)
+        if status != "finished:completed":
+            fail(f"run {run_id} ended {status}: {''.join(log.read_text().splitlines()[-1:])}")
+    print(f"run {run_id}: {status}")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -286,6 +390,10 @@ def main(argv: list[str] | None = None) -> None:
             grid_command(command, rest)
         elif command == "certs":
             certs_command(rest)
+        elif command == "submit":
+            submit_command(rest)
+        elif command == "register":
+            register_command(rest)
         else:
             fail(f"unknown command '{command}' (see fedalign --help)", 2)
     except FedalignError as exc:

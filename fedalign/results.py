@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,57 @@ def cell_dir(root: Path, preset: str, target: str, method: str, seed: int) -> Pa
     return root / preset / target / method / f"seed{seed}"
 
 
-def is_complete(path: Path) -> bool:
-    """A cell is done when its run folder says so in summary.json."""
+# Keys of a run's config that do not change what it learns: where it writes, how it logs,
+# which ports it took. Everything else must match for a finished cell to count.
+RUN_LOCAL_KEYS = ("output", "wandb", "verbose", "resume", "device")
+RUN_LOCAL_FEDERATION_KEYS = ("control_port", "fleet_port", "supernode_ports_from")
+
+
+def learning_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without the keys that only say where and how a run ran."""
+    kept = {k: v for k, v in config.items() if k not in RUN_LOCAL_KEYS}
+    if isinstance(kept.get("federation"), dict):
+        kept["federation"] = {
+            k: v for k, v in kept["federation"].items() if k not in RUN_LOCAL_FEDERATION_KEYS
+        }
+    return kept
+
+
+def same_settings(ran: dict[str, Any], expected: dict[str, Any], defaults: dict[str, Any]) -> bool:
+    """Did a run with config ``ran`` learn with the settings ``expected``? A key missing from
+    ``ran`` was added to the config after it ran: it matches when ``expected`` keeps that key's
+    default (a new setting's default keeps the behaviour from before it existed)."""
+    for key in ran.keys() | expected.keys():
+        want = expected.get(key)
+        if key not in ran:
+            if want != defaults.get(key):
+                return False
+        elif isinstance(want, dict) and isinstance(ran[key], dict):
+            if not same_settings(ran[key], want, defaults.get(key) or {}):
+                return False
+        elif ran[key] != want:
+            return False
+    return True
+
+
+def is_complete(
+    path: Path, expected: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None
+) -> bool:
+    """A cell is done when its summary.json says ``completed`` and, given the config the grid
+    would run it with now (``expected``; ``defaults`` is the config with no overrides), its own
+    config.yaml learned with the same settings: a cell run before a preset or default changed
+    is stale and runs again."""
     try:
-        return json.loads((path / "summary.json").read_text()).get("status") == "completed"
-    except (OSError, json.JSONDecodeError):
+        if json.loads((path / "summary.json").read_text()).get("status") != "completed":
+            return False
+        if expected is None:
+            return True
+        from omegaconf import OmegaConf
+
+        ran = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
+    except (OSError, ValueError):
         return False
+    return same_settings(learning_config(ran), learning_config(expected), defaults or {})
 
 
 def cell_row(path: Path, target: str, method: str, seed: int) -> dict[str, Any]:
@@ -65,14 +111,25 @@ def cell_row(path: Path, target: str, method: str, seed: int) -> dict[str, Any]:
     }
 
 
-def collect(preset: dict[str, Any], root: Path) -> list[dict[str, Any]]:
-    """Rows of every completed cell of ``preset`` under ``root``, in grid order."""
+Expected = Callable[[str, str, int], dict[str, Any]]
+
+
+def collect(
+    preset: dict[str, Any], root: Path, expected: Expected, defaults: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Rows of every completed, current cell of ``preset`` under ``root``, in grid order;
+    ``expected(target, method, seed)`` is the config the grid would run that cell with now,
+    ``defaults`` the config with no overrides (see :func:`is_complete`)."""
     return [
         cell_row(path, target, method, seed)
         for target in preset["targets"]
         for method in preset["methods"]
         for seed in preset["seeds"]
-        if is_complete(path := cell_dir(root, preset["name"], target, method, seed))
+        if is_complete(
+            path := cell_dir(root, preset["name"], target, method, seed),
+            expected(target, method, seed),
+            defaults,
+        )
     ]
 
 
@@ -157,10 +214,17 @@ def plot(rows: list[dict[str, Any]], preset: dict[str, Any], out: Path) -> None:
     tmp.replace(out)
 
 
-def write_results(preset: dict[str, Any], root: Path, docs: Path, settings: str) -> dict[str, Path]:
+def write_results(
+    preset: dict[str, Any],
+    root: Path,
+    docs: Path,
+    settings: str,
+    expected: Expected,
+    defaults: dict[str, Any],
+) -> dict[str, Path]:
     """Regenerate ``docs/results.{md,csv,png}`` (preset ``full``; other presets
-    ``docs/results-<preset>.*``) from the run folders under ``root``."""
-    rows = collect(preset, root)
+    ``docs/results-<preset>.*``) from the current cells' run folders under ``root``."""
+    rows = collect(preset, root, expected, defaults)
     total = len(preset["targets"]) * len(preset["methods"]) * len(preset["seeds"])
     name = preset["name"]
     stem = "results" if name == "full" else f"results-{name}"

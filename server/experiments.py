@@ -4,8 +4,9 @@ Each cell is one federation run in Flower's simulation engine (``engine: simulat
 default: the same ServerApp and ClientApps as the deployment, measured to give identical
 numbers, without starting six processes per run) or in the local deployment
 (``engine: deployment``). A cell's run folder is ``<root>/<preset>/<target>/<method>/seed<k>``;
-a cell whose summary.json says ``completed`` is skipped, anything else is run again from
-scratch, so an interruption loses at most the cell in progress.
+a cell whose summary.json says ``completed`` and whose config.yaml has the settings the preset
+gives it now is skipped; anything else (interrupted, failed, or run before a preset or default
+changed) is run again from scratch, so an interruption loses at most the cell in progress.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def cell_overrides(preset: dict[str, Any], target: str, method: str, seed: int) 
         f"data.target={target}",
         f"seed={seed}",
     ]
+
+
+def expected_config(preset: dict[str, Any], target: str, method: str, seed: int) -> dict[str, Any]:
+    """The resolved config the grid runs this cell with now (before it picks free ports)."""
+    cfg = compose(cell_overrides(preset, target, method, seed))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def default_config() -> dict[str, Any]:
+    """The resolved config with no overrides: what a setting missing from an old run meant."""
+    return OmegaConf.to_container(compose([]), resolve=True)
 
 
 def cells(preset: dict[str, Any]) -> list[tuple[str, str, int]]:
@@ -119,9 +131,17 @@ def run_grid(preset: dict[str, Any], root: Path, echo: Any = print) -> dict[str,
     from server.launcher import launch
 
     check(preset)
-    todo = [c for c in cells(preset) if not is_complete(cell_dir(root, preset["name"], *c))]
+    todo, stale, defaults = [], 0, default_config()
+    for cell in cells(preset):
+        path = cell_dir(root, preset["name"], *cell)
+        if not is_complete(path, expected_config(preset, *cell), defaults):
+            todo.append(cell)
+            stale += is_complete(path)
     counts = {"done": 0, "skipped": len(cells(preset)) - len(todo), "failed": 0}
-    echo(f"grid {preset['name']}: {len(todo)} cells to run, {counts['skipped']} already done")
+    echo(
+        f"grid {preset['name']}: {len(todo)} cells to run ({stale} of them finished with other "
+        f"settings), {counts['skipped']} already done"
+    )
     if todo:
         ensure_data(compose(cell_overrides(preset, *todo[0])), echo)
     columns = (

@@ -108,3 +108,32 @@ def test_accuracy_table_means_and_averages():
     assert table[2] == "| m | 60.0 ± 14.1 | 20.0 ± 14.1 | 40.0 ± 0.0 |"
     table = accuracy_table(rows[:3], preset, "acc").splitlines()  # seed 1 of b missing
     assert table[2] == "| m | 60.0 ± 14.1 | 30.0 | 40.0 |"
+
+
+def test_a_cell_run_with_other_settings_is_stale(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fedalign.results import is_complete
+    from server.experiments import default_config, expected_config
+
+    smoke, defaults = load_preset("smoke"), default_config()
+    expected = expected_config(smoke, "usps", "fedka", 0)
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / "summary.json").write_text(json.dumps({"status": "completed"}))
+
+    def ran_with(config: dict) -> bool:
+        (cell / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        return is_complete(cell, expected, defaults)
+
+    same = json.loads(json.dumps(expected))
+    same["federation"]["control_port"] += 1  # where it ran does not matter
+    same["output"]["run_dir"] = "/elsewhere"
+    assert ran_with(same)
+    changed = json.loads(json.dumps(expected))
+    changed["strategy"]["mmd_weight"] = expected["strategy"]["mmd_weight"] * 10
+    assert not ran_with(changed)
+    older = json.loads(json.dumps(expected))
+    del older["updates"]  # a run from before the setting existed: its default then applies
+    assert ran_with(older)
+    assert is_complete(cell)  # without an expectation only the status counts
