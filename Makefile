@@ -5,8 +5,16 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install run simulate test test-fast lint format data montage grid results clean
+.PHONY: help install system-deps run simulate test test-fast lint format data montage grid results clean \
+	compose-check compose-build compose-up compose-run compose-logs compose-down
 PRESET ?= smoke
+
+# Containers (docker/, docs/containers.md). TLS=1 adds the TLS + SuperNode authentication overlay.
+DOCKER_COMPOSE ?= docker compose
+SILOS   := mnist syn usps svhn mnistm
+VOLUMES := docker/volumes
+COMPOSE  = FEDALIGN_UID=$$(id -u) FEDALIGN_GID=$$(id -g) $(DOCKER_COMPOSE) -p fedalign \
+	-f docker/compose.yml $(if $(TLS),-f docker/compose.tls.yml)
 
 help:
 	@echo "make run        real local federation (SuperLink + one SuperNode per silo), ARGS='key=value ...'"
@@ -17,6 +25,9 @@ help:
 	@echo "make grid       targets x methods x seeds, resumable: PRESET=smoke (minutes) or full"
 	@echo "make results    regenerate docs/results*.md/.csv/.png from the run folders in results/"
 	@echo "make lint       ruff check + format check"
+	@echo "make compose-build / compose-up / compose-run ARGS=... / compose-logs / compose-down"
+	@echo "                the one-host container federation (TLS=1: with TLS + node auth)"
+	@echo "make compose-check  static checks of docker/ (no Docker engine needed)"
 
 $(BIN)/fedalign: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +43,14 @@ run: install
 simulate: install
 	$(BIN)/fedalign simulate $(ARGS)
 
-test: install
+# Debian's docker-compose validates the compose files and drives the container topology tests;
+# installed when we may (root with apt-get), else those tests are skipped with a reason.
+system-deps:
+	@command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; } \
+		|| echo "note: docker-compose is not installed: the container checks will be skipped"
+
+test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
@@ -56,6 +74,26 @@ grid: install
 
 results: install
 	$(BIN)/fedalign results $(PRESET)
+
+compose-check: install system-deps
+	$(BIN)/python -m pytest -q tests/test_containers.py -m "not e2e"
+
+compose-build:
+	$(COMPOSE) build
+
+compose-up:
+	mkdir -p $(VOLUMES)/outputs $(VOLUMES)/certs $(VOLUMES)/state/superlink \
+		$(addprefix $(VOLUMES)/data/,$(SILOS)) $(addprefix $(VOLUMES)/state/,$(SILOS))
+	$(COMPOSE) up -d
+
+compose-run:
+	$(COMPOSE) run --rm submit $(ARGS)
+
+compose-logs:
+	$(COMPOSE) logs -f
+
+compose-down:
+	$(COMPOSE) down
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -2,7 +2,9 @@
 
 Deployment: ``flower-supernode --node-config 'domain="mnist" role="source"'`` (optional keys:
 ``data-dir="/path/to/cache"``, ``threads=2``, ``device="cuda"``, ``state-dir="/path"`` where
-the silo keeps its state between rounds for resumed runs; default ``<cache>/silo-state``).
+the silo keeps its state between rounds for resumed runs; default ``$FEDALIGN_STATE_DIR``,
+else ``<cache>/silo-state``). Without ``data-dir`` the data cache is ``$FEDALIGN_CACHE`` (a
+container sets both where its own volumes are mounted: docker/compose.yml).
 Simulation: virtual SuperNodes only have ``partition-id``; partition i is the i-th silo of the
 run's config (``data.domains`` order).
 """

@@ -10,6 +10,7 @@ the state of round r-1, the silo loads that file. Nothing of it leaves the silo.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -22,12 +23,14 @@ from strategies.utils import from_record, to_record
 log = logging.getLogger("fedalign.client")
 ROUND = "state-round"  # Context.state key: the round whose end the state describes
 SAFE = re.compile(r"[^A-Za-z0-9._-]")
+STATE_DIR_ENV = "FEDALIGN_STATE_DIR"  # a container's state volume, when node-config has none
 
 
 def state_folder(silo: SiloIdentity, run_key: str) -> Path:
     from fedalign.data.cache import default_cache_dir
 
-    root = Path(silo.state_dir) if silo.state_dir else default_cache_dir() / "silo-state"
+    chosen = silo.state_dir or os.environ.get(STATE_DIR_ENV)
+    root = Path(chosen) if chosen else default_cache_dir() / "silo-state"
     return root / SAFE.sub("_", run_key)
 
 

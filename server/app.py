@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ log = logging.getLogger("fedalign.server")
 app = ServerApp()
 LOG_PREFIX = "fedalign |"
 CHECKPOINT = "checkpoint.npz"
+OUTPUTS_ENV = "FEDALIGN_OUTPUTS"
 # Config keys that may differ between a run and its resumption (where and how it runs).
 RESUMABLE_CHANGES = ("federation", "output", "wandb", "verbose", "device", "resume", "name")
 
@@ -60,12 +62,15 @@ def load_config(run_config: dict[str, Any]) -> DictConfig:
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
-    """The launcher sets ``output.run_dir``; a bare ``flwr run`` gets a fresh folder."""
+    """The launcher sets ``output.run_dir``; otherwise (``fedalign submit``, a bare ``flwr
+    run``) a fresh folder under ``$FEDALIGN_OUTPUTS`` (the server side's own outputs volume in
+    a container) or ``output.root``."""
     chosen = OmegaConf.select(cfg, "output.run_dir")
     if chosen:
         return Path(chosen)
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    return (Path(cfg.output.root) / f"{stamp}-{cfg.name}").resolve()
+    root = os.environ.get(OUTPUTS_ENV) or cfg.output.root
+    return (Path(root) / f"{stamp}-{cfg.name}").resolve()
 
 
 def run_key(run_dir: Path) -> str:

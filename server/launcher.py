@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,29 +23,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedalign.config import Silo, silos, to_json
+from fedalign.config import Silo, silos
 from fedalign.errors import FedalignError
 from server.processes import ProcessSet, port_in_use
-
-APP_DIR = Path(__file__).resolve().parent.parent
-CONNECTION = "fedalign"
-LOG_PREFIX = "fedalign |"
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+from server.submit import flower_bin, register_keys, submit, write_connection
 
 
 class LaunchError(FedalignError):
     """The local federation could not be started or did not finish."""
-
-
-def _bin(name: str) -> str:
-    """A console script of this environment (next to the running Python) or on PATH."""
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if not found:
-        raise LaunchError(f"`{name}` not found; install fedalign with `make install`")
-    return found
 
 
 def _node_config(values: dict[str, Any]) -> str:
@@ -116,23 +99,8 @@ class LocalFederation:
 
     def register_silos(self) -> None:
         """Register every silo's public key with the SuperLink (``flwr supernode register``)."""
-        for silo in silos(self.cfg):
-            out = subprocess.run(
-                [
-                    _bin("flwr"),
-                    "supernode",
-                    "register",
-                    str(self.certs[f"silo-pub:{silo.domain}"]),
-                    CONNECTION,
-                ],
-                capture_output=True,
-                text=True,
-                env=self.procs.env,
-                timeout=60,
-            )
-            if out.returncode != 0:
-                last = ANSI.sub("", (out.stdout + out.stderr).strip()).splitlines()[-1:]
-                raise LaunchError(f"registering silo {silo.domain}'s key failed: {''.join(last)}")
+        keys = [self.certs[f"silo-pub:{silo.domain}"] for silo in silos(self.cfg)]
+        register_keys(keys, self.procs.env)
 
     # ---------------------------------------------------------------------------- start
     def ports(self) -> dict[str, int]:
@@ -158,15 +126,11 @@ class LocalFederation:
         if self.tls:
             self.prepare_certificates()
         host, control = self.fed.host, int(self.fed.control_port)
-        security = (
-            f'root-certificates = "{self.certs["ca"]}"\n' if self.tls else "insecure = true\n"
-        )
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{host}:{control}"\n{security}'
+        write_connection(
+            self.flwr_home, f"{host}:{control}", self.certs["ca"] if self.tls else None
         )
         argv = [
-            _bin("flower-superlink"),
+            flower_bin("flower-superlink"),
             *self.security_args(),
             "--disable-runtime-dependency-installation",
             "--host",
@@ -213,7 +177,7 @@ class LocalFederation:
         if self.auth:
             security += ["--auth-supernode-private-key", str(self.certs[f"silo:{silo.domain}"])]
         return [
-            _bin("flower-supernode"),
+            flower_bin("flower-supernode"),
             *security,
             "--superlink",
             f"{self.fed.host}:{int(self.fed.fleet_port)}",
@@ -252,72 +216,30 @@ class LocalFederation:
     # --------------------------------------------------------------------------- submit
     def submit(self, verbose: bool = False) -> str:
         """``flwr run`` the app, stream its log, return the run's final Flower status."""
-        run_config = self.run_dir / "run-config.toml"
-        run_config.write_text(f"config-json = {json.dumps(to_json(self.cfg))}\n")
-        argv = [
-            _bin("flwr"),
-            "run",
-            str(APP_DIR),
-            CONNECTION,
-            "--run-config",
-            str(run_config),
-            "--stream",
-        ]
+        extra: tuple[str, ...] = ()
         if self.simulation:
-            argv += [
+            extra = (
                 "--federation-config",
                 f"num_supernodes={len(silos(self.cfg))} "
                 f"client_resources_num_cpus={int(self.fed.cpus_per_silo)}",
-            ]
-        run_id = None
-        with (
-            (self.logs / "server.log").open("w") as server_log,
-            subprocess.Popen(
-                argv,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=self.procs.env,
-                cwd=str(self.run_dir),
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            ) as flwr_run,
-        ):
-            for raw in flwr_run.stdout:
-                line = ANSI.sub("", raw.rstrip("\n"))
-                server_log.write(line + "\n")
-                server_log.flush()
-                if run_id is None and (found := re.search(r"[Ss]tarted run (\d+)", line)):
-                    run_id = found.group(1)
-                    self.echo(f"submitted run {run_id}; streaming (full log: {server_log.name})")
-                if LOG_PREFIX in line:
-                    self.echo(line.split(LOG_PREFIX, 1)[1].strip())
-                elif verbose:
-                    self.echo(line)
-                self._check_nodes_alive()
-        if run_id is None:
-            raise LaunchError(f"`flwr run` did not start a run (see {self.logs / 'server.log'})")
-        return self.run_status(run_id)
+            )
+        _, status = submit(
+            self.cfg,
+            self.procs.env,
+            self.run_dir,
+            self.logs / "server.log",
+            echo=self.echo,
+            verbose=verbose,
+            extra_args=extra,
+            on_line=self._check_nodes_alive,
+        )
+        return status
 
     def _check_nodes_alive(self) -> None:
         for proc in self.procs.processes:
             if proc.exited() is not None and not proc.reported:
                 proc.reported = True
                 self.echo(f"warning: {proc.name} exited ({proc.exited()}): {proc.last_line()}")
-
-    def run_status(self, run_id: str) -> str:
-        out = subprocess.run(
-            [_bin("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
-            capture_output=True,
-            text=True,
-            env=self.procs.env,
-            timeout=60,
-        )
-        try:
-            runs = json.loads(out.stdout)["runs"]
-            return str(runs[0]["status"])
-        except (json.JSONDecodeError, KeyError, IndexError):
-            return "unknown"
 
     # ------------------------------------------------------------------------- teardown
     def stop(self) -> None:

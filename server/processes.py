@@ -93,7 +93,15 @@ class ProcessSet:
     processes: list[ManagedProcess] = field(default_factory=list)
     seen_pids: set[int] = field(default_factory=set)
 
-    def start(self, name: str, argv: list[str], log_path: Path) -> ManagedProcess:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> ManagedProcess:
+        """Start ``argv`` with the set's environment (or ``env``), logging to ``log_path``."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log_file:
             popen = subprocess.Popen(
@@ -101,7 +109,8 @@ class ProcessSet:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=self.env,
+                env=self.env if env is None else env,
+                cwd=cwd,
                 start_new_session=True,
             )
         proc = ManagedProcess(name, popen, log_path)

@@ -15,6 +15,7 @@ import pytest
 
 from fedalign import checkpoint
 from server.certs import make_certificates
+from server.processes import free_port
 from tests.conftest import port_overrides
 
 FEDALIGN = str(Path(sys.executable).parent / "fedalign")
@@ -100,6 +101,26 @@ CASES = [
         "run resume=true output.run_dir={other} {data}",
         "was written with a different config",
     ),
+    (
+        "submit to a SuperLink nobody runs",
+        "submit --superlink 127.0.0.1:{closed} rounds=1",
+        "Connection to the SuperLink is unavailable",
+    ),
+    (
+        "submit with a CA certificate that is missing",
+        "submit --superlink 127.0.0.1:{closed} --root-certificates {empty}/ca.crt",
+        "CA certificate",
+    ),
+    (
+        "register a silo key that is missing",
+        "register --superlink 127.0.0.1:{closed} {empty}/usps.pub",
+        "register: no silo public key at",
+    ),
+    (
+        "per-silo data without a folder",
+        "data build --per-silo",
+        "data build --per-silo needs --cache-dir DIR",
+    ),
     ("unknown grid preset", "grid nope", "grid: no preset 'nope'"),
     ("unknown command", "train", "unknown command 'train'"),
 ]
@@ -113,7 +134,8 @@ def places(tmp_path_factory, digits_cache) -> dict[str, str]:
 @pytest.mark.parametrize(("case", "args", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gets_one_error_line(places, case, args, expected):
     marker = uuid.uuid4().hex
-    argv = args.format(**places, ports=" ".join(port_overrides(2))).split()
+    closed = free_port()  # nothing listens there
+    argv = args.format(**places, ports=" ".join(port_overrides(2)), closed=closed).split()
     done = subprocess.run(
         [FEDALIGN, *argv],
         capture_output=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -353,3 +354,25 @@ def test_montage_writes_a_png(cache: Path, tmp_path: Path) -> None:
         width, height = image.size
     assert 500 < width < 3000 and 500 < height < 3000
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+def test_a_read_only_data_folder_loads(tmp_path):
+    """A silo's data is mounted read-only into its container: loading takes no lock there."""
+    build_all(tmp_path, domains=("usps",))
+    for lock in (tmp_path / "digits5").glob(".*.lock"):
+        lock.unlink()  # as a site's own copy of its data would be: no lock files
+    code = (
+        f"from fedalign.data import load_domain; "
+        f"print(len(load_domain('usps', {str(tmp_path)!r}, rebuild='never').y_train))"
+    )
+    mount = f'mount --bind "{tmp_path}" "{tmp_path}" && mount -o remount,bind,ro "{tmp_path}"'
+    out = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f'{mount} && exec "$0" -c "$1"', sys.executable, code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1438"
+    assert not list((tmp_path / "digits5").glob(".*.lock"))

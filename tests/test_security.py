@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 
 from fedalign.config import ConfigError, compose, validate
 from server.certs import CertificateError, check_certificates, make_certificates
-from server.launcher import LocalFederation, _bin
+from server.launcher import LocalFederation
+from server.submit import flower_bin
 from tests.conftest import free_ports, port_overrides
 
 
@@ -93,13 +94,14 @@ def test_secure_federation_refuses_plaintext_and_unregistered_supernodes(digits_
         federation.start()
         plaintext = federation.procs.start(
             "plaintext",
-            [_bin("flower-supernode"), "--insecure", "--superlink", fleet,
+            [flower_bin("flower-supernode"), "--insecure", "--superlink", fleet,
              "--node-config", node_config, "--port", str(plain_port)],
             tmp_path / "plaintext.log",
         )  # fmt: skip
         intruder = federation.procs.start(
             "intruder",
-            [_bin("flower-supernode"), "--root-certificates", str(tmp_path / "certs" / "ca.crt"),
+            [flower_bin("flower-supernode"),
+             "--root-certificates", str(tmp_path / "certs" / "ca.crt"),
              "--auth-supernode-private-key", str(tmp_path / "other" / "silos" / "intruder"),
              "--superlink", fleet, "--node-config", node_config, "--port", str(intruder_port)],
             tmp_path / "intruder.log",

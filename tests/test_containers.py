@@ -1,0 +1,259 @@
+"""docker/: static checks of every Dockerfile and compose file, and their topologies run for
+real as processes (tests/topology.py) against the pinned Flower."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.topology import DOCKER, REPO, Topology, compose_config
+
+SILOS = {"mnist": "source", "syn": "source", "usps": "source", "svhn": "source", "mnistm": "target"}
+# A short run: every service and flag is exercised, the learning itself is not the point here.
+SHORT = ("rounds=2", "train.local_steps=5", "wandb.mode=disabled")
+
+needs_compose = pytest.mark.skipif(
+    shutil.which("docker-compose") is None and not os.environ.get("CI"),
+    reason="docker-compose (Debian package) not installed; .ci/run installs it",
+)
+needs_netns = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None,
+    reason="the topology runs in network namespaces: needs root, iproute2 and util-linux",
+)
+
+
+def example_env(name: str, tmp_path: Path, **values: str) -> Path:
+    """docker/<name>.env.example with some values replaced (as a site would fill it in)."""
+    lines = []
+    for line in (DOCKER / f"{name}.env.example").read_text().splitlines():
+        key = line.split("=", 1)[0]
+        lines.append(f"{key}={values.pop(key)}" if key in values else line)
+    lines += [f"{key}={value}" for key, value in values.items()]
+    path = tmp_path / f"{name}.env"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def env_file_values(path: Path) -> dict[str, str]:
+    return dict(
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if "=" in line and line[0] != "#"
+    )
+
+
+@needs_compose
+@pytest.mark.parametrize(
+    ("files", "env_name"),
+    [
+        (["compose.yml"], None),
+        (["compose.yml", "compose.tls.yml"], None),
+        (["server.compose.yml"], "server"),
+        (["silo.compose.yml"], "silo"),
+    ],
+)
+def test_compose_files_are_valid(files, env_name, tmp_path):
+    env = env_file_values(DOCKER / f"{env_name}.env.example") if env_name else {}
+    model = compose_config([DOCKER / f for f in files], env, "check")
+    for name, service in model["services"].items():
+        assert service.get("entrypoint"), f"{name}: entrypoint must be explicit (the test runs it)"
+        assert service.get("user"), f"{name}: runs as a non-root user"
+        assert service.get("healthcheck"), f"{name}: healthcheck (or an explicit disable)"
+    if files == ["compose.yml"]:
+        for domain in SILOS:
+            mounts = model["services"][f"clientapp-{domain}"]["volumes"]
+            data = [m for m in mounts if m.split(":")[1] == "/app/data"]
+            assert data == [f"{DOCKER}/volumes/data/{domain}:/app/data:ro"]
+            assert not any(
+                "/data" in str(m)
+                for m in model["services"][f"supernode-{domain}"].get("volumes", [])
+            )
+
+
+@needs_compose
+def test_silo_recipe_says_what_is_missing(tmp_path):
+    out = subprocess.run(
+        ["docker-compose", "-f", str(DOCKER / "silo.compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": os.environ["PATH"]},
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "set FEDALIGN_SILO" in out.stderr or "set FEDALIGN_SUPERLINK" in out.stderr
+
+
+def test_dockerfile_lints_clean():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    out = subprocess.run(
+        [str(hadolint), "--config", str(DOCKER / "hadolint.yaml"), str(DOCKER / "app.Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_image_context_holds_only_code():
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    assert ignored[1] == "*", "everything is excluded unless listed"
+    allowed = {line[1:].rstrip("/") for line in ignored if line.startswith("!")}
+    assert allowed == {
+        "pyproject.toml",
+        "README.md",
+        "fedalign",
+        "server",
+        "client",
+        "strategies",
+        "conf",
+    }
+    copied = [
+        line.split()[-2].rstrip("/")
+        for line in (DOCKER / "app.Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+    ]
+    assert {Path(c).name for c in copied} | {"pyproject.toml", "README.md"} == allowed
+
+
+def finished_run(outputs: Path) -> dict:
+    runs = sorted(outputs.glob("*/summary.json"))
+    assert len(runs) == 1, f"expected one run folder in {outputs}: {runs}"
+    summary = json.loads(runs[0].read_text())
+    assert summary["status"] == "completed", summary
+    return summary
+
+
+@pytest.mark.e2e
+@needs_compose
+@needs_netns
+@pytest.mark.parametrize("overlay", [None, "compose.tls.yml"], ids=["plaintext", "tls"])
+def test_one_host_compose_federation_runs(overlay, tmp_path):
+    files = [DOCKER / "compose.yml"] + ([DOCKER / overlay] if overlay else [])
+    volumes = tmp_path / "volumes"
+    model = compose_config(files, {"FEDALIGN_VOLUMES": str(volumes)}, "fedalign")
+    topology = Topology(tmp_path / "services", f"fa{uuid.uuid4().hex[:4]}")
+    try:
+        topology.add_project("fedalign", model, profiles=("run",))
+        topology.write_hosts()
+        topology.up("fedalign")
+        for domain in SILOS:
+            topology.wait_healthy(f"fedalign/clientapp-{domain}")
+        out = topology.run_once("fedalign/submit", SHORT)
+        assert "finished:completed" in out, out[-2000:]
+    finally:
+        assert topology.close() == [], "every process of the topology must end"
+    summary = finished_run(volumes / "outputs")
+    assert summary["target"] == "mnistm" and summary["rounds_completed"] == 2
+    # Each silo's data reached only its own executor: one folder per silo, nothing else there.
+    assert sorted(p.name for p in (volumes / "data").iterdir()) == sorted(SILOS)
+    for domain in SILOS:
+        assert [p.name for p in (volumes / "data" / domain / "digits5").glob("*.npz")] == [
+            f"{domain}.npz"
+        ]
+    if overlay:
+        assert (volumes / "certs" / "silos" / "usps.pub").exists()
+
+
+@pytest.mark.e2e
+@needs_compose
+@needs_netns
+def test_multi_machine_recipes_with_tls_and_authentication(tmp_path):
+    """The server machine and five silo machines, each silo from its own env file."""
+    from fedalign.data import build_all
+    from server.certs import make_certificates
+
+    secrets = tmp_path / "operator"
+    make_certificates(secrets, list(SILOS), sans=["link.example.org", "superlink", "localhost"])
+    server_secrets = tmp_path / "server-secrets"
+    (server_secrets / "silos").mkdir(parents=True)
+    for name in ("ca.crt", "superlink.crt", "superlink.key"):
+        shutil.copy2(secrets / name, server_secrets / name)
+    for domain in SILOS:
+        shutil.copy2(secrets / "silos" / f"{domain}.pub", server_secrets / "silos")
+    server_env = example_env(
+        "server",
+        tmp_path,
+        FEDALIGN_SECRETS=str(server_secrets),
+        FEDALIGN_VOLUMES=str(tmp_path / "server"),
+    )
+    topology = Topology(tmp_path / "services", f"fa{uuid.uuid4().hex[:4]}")
+    try:
+        server = compose_config(
+            [DOCKER / "server.compose.yml"], env_file_values(server_env), "server"
+        )
+        topology.add_project("server", server, profiles=("run",))
+        for domain, role in SILOS.items():
+            site = tmp_path / "sites" / domain  # only ca.crt, its key and its data
+            (site / "secrets").mkdir(parents=True)
+            shutil.copy2(secrets / "ca.crt", site / "secrets")
+            shutil.copy2(secrets / "silos" / domain, site / "secrets")
+            build_all(site / "data", domains=(domain,))
+            env = example_env(
+                "silo",
+                tmp_path,
+                FEDALIGN_SUPERLINK="link.example.org:9092",
+                FEDALIGN_SILO=domain,
+                FEDALIGN_ROLE=role,
+                FEDALIGN_DATA=str(site / "data"),
+                FEDALIGN_SECRETS=str(site / "secrets"),
+                FEDALIGN_VOLUMES=str(site / "volumes"),
+            )
+            model = compose_config([DOCKER / "silo.compose.yml"], env_file_values(env), domain)
+            topology.add_project(domain, model)
+        # The silos reach the server machine by its name, on the ports it publishes.
+        topology.write_hosts({"link.example.org": "server/superlink"})
+        topology.up("server")
+        for domain in SILOS:
+            topology.up(domain)
+        for domain in SILOS:
+            topology.wait_healthy(f"{domain}/clientapp")
+        out = topology.run_once("server/submit", SHORT)
+        assert "finished:completed" in out, out[-2000:]
+    finally:
+        assert topology.close() == [], "every process of the topology must end"
+    finished_run(tmp_path / "server" / "outputs")
+
+
+def test_executor_healthcheck_follows_its_api():
+    """python -m server.health: healthy only while the --runtime-api-address accepts."""
+    import socket
+
+    from server import health as server_health
+    from server.health import main
+    from server.processes import free_port
+
+    port = free_port()
+    code = "import sys; print('up', flush=True); sys.stdin.read()"
+    argv = [sys.executable, "-c", code, "--runtime-api-address", f"127.0.0.1:{port}"]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as executor:
+        try:
+            assert executor.stdout.readline() == b"up\n"  # its command line is in place
+            assert server_health.runtime_address(executor.pid) == ("127.0.0.1", port)
+            assert main([str(executor.pid)]) == 1  # nothing listens yet
+            with socket.create_server(("127.0.0.1", port)):
+                assert main([str(executor.pid)]) == 0
+        finally:
+            executor.communicate(b"", timeout=30)
+    assert main([str(os.getpid())]) == 1  # no --runtime-api-address: unhealthy
+
+
+def test_flower_error_panel_becomes_one_line():
+    from server.submit import flower_error
+
+    drawn = [
+        "Using SuperLink: fedalign (127.0.0.1:1)",
+        "╭─ Error ──────────╮",
+        "│ Connection to the SuperLink is unavailable.  │",
+        "│ Check 'address'.  │",
+        "╰──────────────────╯",
+    ]
+    assert flower_error(drawn) == "Connection to the SuperLink is unavailable. Check 'address'."
+    assert flower_error(["a", "last words", ""]) == "last words"
