@@ -27,7 +27,7 @@ def setup(message: Message, context: Context) -> tuple[SiloIdentity, dict[str, A
 
         torch.set_num_threads(silo.threads)
     data = load_data(
-        str(cfg.get("data-source", "digits5")),
+        silo.data_source or str(cfg.get("data-source", "digits5")),
         silo.domain,
         silo.data_dir or cfg.get("data-cache-dir") or None,
         int(cfg.get("data-seed", 0)),

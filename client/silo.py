@@ -1,7 +1,8 @@
 """Who a silo is: its domain, role and data, read from the SuperNode's node-config.
 
 Deployment: ``flower-supernode --node-config 'domain="mnist" role="source"'`` (optional keys:
-``data-dir="/path/to/cache"``, ``threads=2``, ``device="cuda"``, ``state-dir="/path"`` where
+``data-dir="/path/to/cache"``, ``data-source="imagefolder"`` (a site's own kind of data;
+default: the run's ``data.source``), ``threads=2``, ``device="cuda"``, ``state-dir="/path"`` where
 the silo keeps its state between rounds for resumed runs; default ``$FEDALIGN_STATE_DIR``,
 else ``<cache>/silo-state``). Without ``data-dir`` the data cache is ``$FEDALIGN_CACHE`` (a
 container sets both where its own volumes are mounted: docker/compose.yml).
@@ -28,6 +29,7 @@ class SiloIdentity:
     threads: int
     device: str | None
     state_dir: str | None = None
+    data_source: str | None = None  # the site's own kind of data (imagefolder, npz, ...)
 
 
 def _run_config(context: Context) -> dict[str, Any]:
@@ -71,4 +73,5 @@ def identify(context: Context) -> SiloIdentity:
         threads=int(node.get("threads", 0)),
         device=str(node["device"]) if "device" in node else None,
         state_dir=str(node["state-dir"]) if "state-dir" in node else None,
+        data_source=str(node["data-source"]) if "data-source" in node else None,
     )

@@ -15,6 +15,9 @@
                                             compose or multi-machine federation: docker/)
     fedalign register --superlink HOST:PORT --root-certificates CA KEY.pub|DIR ...
                                             register silo keys (SuperNode authentication)
+    fedalign silo check PATH [--source S] [--classes a,b,..] [--montage PNG]
+                                            validate a site's own data (ImageFolder tree, .npz
+                                            features), count its classes, say what it shares
 
 Errors a user can fix print one line (``error: ...``) and exit non-zero.
 """
@@ -354,6 +357,91 @@ def submit_command(argv: list[str]) -> None:
     print(f"run {run_id}: {status}")
 
 
+# What leaves a silo that joins, by its role (README, "What crosses a silo boundary").
+LEAVES = {
+    "source": [
+        "its domain name, role and sample counts",
+        "its model weights after local training, every round (same names and shapes as the "
+        "global model)",
+        "scalar metrics: training loss, accuracy and loss on its own test split, MMD, seconds",
+        "with strategy fisher or fedka_fisher: the diagonal Fisher of those weights",
+    ],
+    "target": [
+        "its domain name, role and sample counts",
+        "with FedKA/FedVote: the fine-tuned global weights and M embeddings (the global model's "
+        "features of M of its unlabelled training inputs)",
+        "scalar metrics: accuracy and loss on its own test split, vote agreement and kept fraction",
+    ],
+}
+
+
+def silo_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="fedalign silo")
+    sub = parser.add_subparsers(dest="action", required=True)
+    check = sub.add_parser("check", help="validate a site's data and show what it would share")
+    check.add_argument("path", type=Path, help="the silo's data folder (or .npz file)")
+    check.add_argument(
+        "--source",
+        choices=("imagefolder", "npz", "digits5"),
+        help="kind of data (default: npz when the path holds a .npz file, else imagefolder)",
+    )
+    check.add_argument("--domain", help="the silo's domain name (default: the folder's name)")
+    check.add_argument("--role", choices=("source", "target"), default="source")
+    check.add_argument(
+        "--classes",
+        default=",".join(str(i) for i in range(10)),
+        help="the federation's class names, in order (default: the digits 0..9)",
+    )
+    check.add_argument("--image-size", type=int, default=28, help="images are resized to this")
+    check.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    check.add_argument("--min-train", type=int, default=10, help="fewest training samples")
+    check.add_argument("--montage", type=Path, help="write a PNG of samples per class here")
+    args = parser.parse_args(argv)
+    from rich.table import Table
+
+    from fedalign.data import get_source
+    from fedalign.data.montage import write_split_montage
+    from fedalign.data.schema import check_split, class_counts
+
+    path = args.path
+    if not path.exists():
+        fail(f"silo check: {path} does not exist", 2)
+    holds_npz = path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz")))
+    kind = args.source or ("npz" if holds_npz else "imagefolder")
+    classes = tuple(args.classes.split(","))
+    options = {
+        "imagefolder": {"image_size": args.image_size, "channels": args.channels},
+        "npz": {"classes": classes},
+    }.get(kind, {})
+    source = get_source(kind, cache_dir=path, **options)
+    domain = args.domain or source.domains()[0]
+    split = check_split(source.load(domain), classes, args.min_train)
+    console = _console()
+    kind_of = (
+        f"feature vectors of {split.input_shape[0]}"
+        if split.is_features
+        else "images " + "x".join(map(str, split.input_shape))
+    )
+    console.print(
+        f"silo '{domain}' ({kind}, {path}): {len(split.y_train)} training and "
+        f"{len(split.y_test)} test samples, {kind_of}"
+    )
+    table = Table(title="samples per class")
+    for column in ("class", "train", "test"):
+        table.add_column(column, justify="right")
+    for name, (train, test) in class_counts(split).items():
+        table.add_row(name, str(train), str(test))
+    console.print(table)
+    if args.montage and not split.is_features:
+        write_split_montage(args.montage, [split], f"silo {domain}: test samples per class")
+        console.print(f"montage: {args.montage}")
+    console.print(f"What leaves this silo as a {args.role} (nothing else does):")
+    for item in LEAVES[args.role]:
+        console.print(f"  - {item}")
+    console.print("Never: images, feature vectors, labels, predictions or file names.")
+    console.print("ok: this silo's data fits the federation")
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM (e.g. CI or make killed) tears the federation down like Ctrl-C does."""
     raise KeyboardInterrupt
@@ -394,6 +482,8 @@ def main(argv: list[str] | None = None) -> None:
             submit_command(rest)
         elif command == "register":
             register_command(rest)
+        elif command == "silo":
+            silo_command(rest)
         else:
             fail(f"unknown command '{command}' (see fedalign --help)", 2)
     except FedalignError as exc:

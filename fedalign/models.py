@@ -76,9 +76,33 @@ class ResNet18(SplitModel):
         self.encoder = net
 
 
+class FeatureMLP(SplitModel):
+    """An MLP for feature or tabular silos (DeCAF features, bags of words, sensor readings).
+
+    Input D features (``in_channels``: a feature vector's channels) -> 128-d features -> logits.
+    BatchNorm in the encoder, as in the digit CNN, so FedBN and target-statistics votes apply.
+    """
+
+    feature_dim = 128
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 64, hidden: int = 256) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Linear(in_channels, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(hidden, self.feature_dim),
+            nn.BatchNorm1d(self.feature_dim),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(self.feature_dim, num_classes)
+
+
 MODELS: dict[str, Callable[..., SplitModel]] = {
     "digit_cnn": DigitCNN,
     "resnet18": ResNet18,
+    "mlp": FeatureMLP,
 }
 
 

@@ -39,8 +39,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def to_input(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> float tensor scaled to [-1, 1]."""
-    return torch.from_numpy(x).to(device=device, dtype=torch.float32).div_(127.5).sub_(1.0)
+    """uint8 images (N, C, H, W) -> float tensor scaled to [-1, 1]; float32 features (N, D)
+    as they are."""
+    tensor = torch.from_numpy(x).to(device=device, dtype=torch.float32)
+    return tensor.div_(127.5).sub_(1.0) if x.dtype == np.uint8 else tensor
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

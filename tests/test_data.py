@@ -283,7 +283,9 @@ def test_unknown_names_raise_one_line_errors(tmp_path: Path) -> None:
             call()
         assert str(info.value) == expected
     assert not (tmp_path / "digits5" / "usps.npz").exists()
-    with pytest.raises(DataError, match=r"^unknown data source 'nope' \(known: digits5\)$"):
+    with pytest.raises(
+        DataError, match=r"^unknown data source 'nope' \(known: digits5, imagefolder, npz\)$"
+    ):
         get_source("nope")
     with pytest.raises(DataError, match="non-negative"):
         build_domain("usps", seed=-1)

@@ -1,4 +1,4 @@
-"""A PNG contact sheet of the Digits-5 domains, for eyeballing what the builders produce."""
+"""A PNG contact sheet of image domains (the Digits-5 builders' output, a site's own data)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 
 from fedalign.data.cache import atomic_write_bytes, load_domain
 from fedalign.data.digits5 import DIGITS5_DOMAINS
+from fedalign.data.types import DomainSplit
 
 _GAP = 2  # pixels between tiles
 
@@ -38,11 +39,19 @@ def write_montage(
 
     Domains are loaded (and built if needed) from the cache. Returns ``out_png``.
     """
+    splits = [load_domain(name, cache_dir, seed) for name in domains]
+    title = f"Digits-5 (seed {seed}): test samples per class"
+    return write_split_montage(out_png, splits, title, per_class)
+
+
+def write_split_montage(
+    out_png: Path, splits: Sequence[DomainSplit], title: str, per_class: int = 2
+) -> Path:
+    """One labelled row block per image domain in ``splits`` (test samples of each class)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     out_png = Path(out_png)
-    splits = [load_domain(name, cache_dir, seed) for name in domains]
     fig = Figure(figsize=(7, 0.75 * per_class * len(splits) + 0.4), dpi=120)
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(splits), 1, squeeze=False)[:, 0]
@@ -58,7 +67,7 @@ def write_montage(
         ax.set_yticks([])
         ax.tick_params(length=0)
         ax.set_ylabel(split.name, rotation=0, ha="right", va="center", fontsize=10)
-    fig.suptitle(f"Digits-5 (seed {seed}): test samples per class", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

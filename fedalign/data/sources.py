@@ -1,9 +1,10 @@
 """The one loader interface for domain data, and the registry of implementations.
 
 A source is a named collection of domains (one silo each) that loads any of them as a
-``DomainSplit``. To add one (real Digit-Five ``.mat`` files, torchvision datasets, ImageFolder
-trees, ...), write a class with ``name``, ``domains()`` and ``load()`` and add it to
-``_SOURCES``; ``get_source(name, **kwargs)`` passes the keyword arguments to its constructor.
+``DomainSplit``: ``digits5`` (the offline benchmark), ``imagefolder`` and ``npz`` (a site's own
+folder: ``fedalign/data/folders.py``). To add one, write a class with ``name``, ``domains()``
+and ``load()`` and add it to ``_SOURCES``; ``get_source(name, **kwargs)`` passes the keyword
+arguments to its constructor (``cache_dir``: the silo's data folder, ``seed``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 from fedalign.data.cache import Rebuild, load_domain
 from fedalign.data.digits5 import DIGITS5_DOMAINS
+from fedalign.data.folders import ImageFolderSource, NpzSource
 from fedalign.data.types import DataError, DomainSplit
 
 
@@ -55,6 +57,8 @@ class Digits5Source:
 
 _SOURCES: dict[str, Callable[..., DomainSource]] = {
     "digits5": Digits5Source,
+    "imagefolder": ImageFolderSource,
+    "npz": NpzSource,
 }
 
 

@@ -15,7 +15,9 @@ class DataError(FedalignError, ValueError):
 
 @dataclass(frozen=True)
 class DomainSplit:
-    """One domain's images (N, C, H, W) uint8 and labels (N,) int64, split into train/test."""
+    """One domain's inputs and labels (N,) int64, split into train/test. Inputs are images,
+    uint8 (N, C, H, W), or feature vectors, float32 (N, D) (e.g. DeCAF features, bags of words).
+    """
 
     name: str
     x_train: np.ndarray
@@ -30,13 +32,19 @@ class DomainSplit:
         return len(self.classes)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """Shape (C, H, W) of one image."""
-        c, h, w = self.x_train.shape[1:]
-        return int(c), int(h), int(w)
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input: (C, H, W) for an image, (D,) for a feature vector."""
+        return tuple(int(n) for n in self.x_train.shape[1:])
 
-    def validate(self) -> DomainSplit:
-        """Check dtypes, shapes, lengths and label range; raise ``DataError`` on the first fault.
+    @property
+    def is_features(self) -> bool:
+        return self.x_train.ndim == 2
+
+    def validate(
+        self, fix: str = "rebuild the data with `fedalign data build --force`"
+    ) -> DomainSplit:
+        """Check dtypes, shapes, lengths and label range; raise ``DataError`` on the first fault,
+        ending with ``fix`` (what to do).
 
         Returns ``self`` so that a loader can ``return split.validate()``.
         """
@@ -45,12 +53,17 @@ class DomainSplit:
             raise DataError(f"{where} has no classes; pass the class names to DomainSplit")
         for part in ("train", "test"):
             x, y = getattr(self, f"x_{part}"), getattr(self, f"y_{part}")
-            fix = "rebuild the data with `fedalign data build --force`"
-            if x.dtype != np.uint8 or x.ndim != 4:
+            image, features = (
+                x.dtype == np.uint8 and x.ndim == 4,
+                x.dtype == np.float32 and x.ndim == 2,
+            )
+            if not (image or features):
                 raise DataError(
-                    f"{where}: x_{part} is {x.dtype} with {x.ndim} dims, "
-                    f"expected uint8 (N, C, H, W); {fix}"
+                    f"{where}: x_{part} is {x.dtype} with {x.ndim} dims, expected uint8 images "
+                    f"(N, C, H, W) or float32 features (N, D); {fix}"
                 )
+            if features and not np.isfinite(x).all():
+                raise DataError(f"{where}: x_{part} has NaN or infinite features; {fix}")
             if y.dtype != np.int64 or y.ndim != 1:
                 raise DataError(
                     f"{where}: y_{part} is {y.dtype} with {y.ndim} dims, expected int64 (N,); {fix}"
