@@ -5,6 +5,7 @@
     fedalign data build [--force]           build/verify the offline Digits-5 cache
                         [--per-silo]        (one folder per domain, for containers)
     fedalign data montage [--out PNG]       a picture of every domain
+    fedalign data features DIR              the feature-shift task (64-d features, 3 domains)
     fedalign grid PRESET [--root DIR]       run a resumable grid (conf/grid/PRESET.yaml) and
                                             write docs/results*.md, .csv and .png
     fedalign results PRESET [--root DIR]    regenerate those files from the run folders
@@ -18,6 +19,9 @@
     fedalign silo check PATH [--source S] [--classes a,b,..] [--montage PNG]
                                             validate a site's own data (ImageFolder tree, .npz
                                             features), count its classes, say what it shares
+    fedalign silo join --superlink HOST:9092 --domain NAME --data PATH
+                       --root-certificates CA --key KEY [--dry-run]
+                                            the same check, then start this silo's SuperNode
 
 Errors a user can fix print one line (``error: ...``) and exit non-zero.
 """
@@ -100,15 +104,12 @@ def ensure_data(cfg: Any, echo: Any) -> None:
     """Build (or verify) the cached domains of the embedded benchmark before silos start."""
     if cfg.data.source != "digits5":
         return
+    from fedalign.config import external_silos
     from fedalign.data import build_all
 
-    echo(
-        f"data: Digits-5 domains {list(cfg.data.domains)} (cache: "
-        f"{cfg.data.cache_dir or 'default'})"
-    )
-    build_all(
-        cache_dir=cfg.data.cache_dir, seed=int(cfg.data.seed), domains=tuple(cfg.data.domains)
-    )
+    local = tuple(d for d in cfg.data.domains if d not in external_silos(cfg))
+    echo(f"data: Digits-5 domains {list(local)} (cache: {cfg.data.cache_dir or 'default'})")
+    build_all(cache_dir=cfg.data.cache_dir, seed=int(cfg.data.seed), domains=local)
 
 
 def print_results(run_dir: Path, console: Any) -> None:
@@ -191,9 +192,14 @@ def data_command(argv: list[str]) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     build = sub.add_parser("build", help="build or verify the offline Digits-5 cache")
     montage = sub.add_parser("montage", help="write a PNG montage of every domain")
+    features = sub.add_parser(
+        "features", help="write the feature-shift task (fedalign/data/feature_shift.py)"
+    )
+    features.add_argument("out", type=Path, help="folder for <domain>/<domain>.npz and all/")
+    for p in (build, montage, features):
+        p.add_argument("--seed", type=int, default=0)
     for p in (build, montage):
         p.add_argument("--cache-dir", default=None, help="cache folder (default: see README)")
-        p.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
     build.add_argument(
         "--per-silo",
@@ -204,7 +210,12 @@ def data_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     from fedalign.data import DIGITS5_DOMAINS, build_all, write_montage
 
-    if args.action == "build" and args.per_silo:
+    if args.action == "features":
+        from fedalign.data.feature_shift import write_feature_shift
+
+        for name, path in write_feature_shift(args.out, seed=args.seed).items():
+            print(f"{name}: {path}")
+    elif args.action == "build" and args.per_silo:
         if not args.cache_dir:
             fail("data build --per-silo needs --cache-dir DIR", 2)
         for domain in DIGITS5_DOMAINS:
@@ -380,23 +391,48 @@ def silo_command(argv: list[str]) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     check = sub.add_parser("check", help="validate a site's data and show what it would share")
     check.add_argument("path", type=Path, help="the silo's data folder (or .npz file)")
-    check.add_argument(
-        "--source",
-        choices=("imagefolder", "npz", "digits5"),
-        help="kind of data (default: npz when the path holds a .npz file, else imagefolder)",
-    )
     check.add_argument("--domain", help="the silo's domain name (default: the folder's name)")
-    check.add_argument("--role", choices=("source", "target"), default="source")
-    check.add_argument(
-        "--classes",
-        default=",".join(str(i) for i in range(10)),
-        help="the federation's class names, in order (default: the digits 0..9)",
-    )
-    check.add_argument("--image-size", type=int, default=28, help="images are resized to this")
-    check.add_argument("--channels", type=int, default=3, choices=(1, 3))
-    check.add_argument("--min-train", type=int, default=10, help="fewest training samples")
     check.add_argument("--montage", type=Path, help="write a PNG of samples per class here")
+    join = sub.add_parser("join", help="check the data, say what leaves, start the SuperNode")
+    join.add_argument("--superlink", required=True, help="the SuperLink's Fleet API, HOST:9092")
+    join.add_argument("--data", type=Path, required=True, help="the silo's data folder")
+    join.add_argument("--domain", required=True, help="the silo's name in the federation")
+    join.add_argument("--root-certificates", type=Path, help="the federation's ca.crt")
+    join.add_argument("--key", type=Path, help="this silo's private key (authentication)")
+    join.add_argument(
+        "--insecure", action="store_true", help="plaintext (only on a trusted network)"
+    )
+    join.add_argument("--port", type=int, default=9094, help="the SuperNode's own API port")
+    join.add_argument("--state-dir", type=Path, help="where the silo keeps state between rounds")
+    join.add_argument(
+        "--dry-run", action="store_true", help="print the command and a compose env file only"
+    )
+    for p in (check, join):
+        p.add_argument(
+            "--source",
+            choices=("imagefolder", "npz", "digits5"),
+            help="kind of data (default: npz when the folder holds a .npz file, else imagefolder)",
+        )
+        p.add_argument("--role", choices=("source", "target"), default="source")
+        p.add_argument(
+            "--classes",
+            default=",".join(str(i) for i in range(10)),
+            help="the federation's class names, in order (default: the digits 0..9)",
+        )
+        p.add_argument("--image-size", type=int, default=28, help="images are resized to this")
+        p.add_argument("--channels", type=int, default=3, choices=(1, 3))
+        p.add_argument("--min-train", type=int, default=10, help="fewest training samples")
     args = parser.parse_args(argv)
+    if args.action == "join":
+        args.path, args.montage = args.data, None
+        _check_join_security(args)
+    kind, domain = _silo_check(args)
+    if args.action == "join":
+        _silo_join(args, kind, domain)
+
+
+def _silo_check(args: argparse.Namespace) -> tuple[str, str]:
+    """Load and check the silo's data, print its counts and what leaves; (kind, domain)."""
     from rich.table import Table
 
     from fedalign.data import get_source
@@ -405,7 +441,7 @@ def silo_command(argv: list[str]) -> None:
 
     path = args.path
     if not path.exists():
-        fail(f"silo check: {path} does not exist", 2)
+        fail(f"silo {args.action}: {path} does not exist", 2)
     holds_npz = path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz")))
     kind = args.source or ("npz" if holds_npz else "imagefolder")
     classes = tuple(args.classes.split(","))
@@ -440,6 +476,63 @@ def silo_command(argv: list[str]) -> None:
         console.print(f"  - {item}")
     console.print("Never: images, feature vectors, labels, predictions or file names.")
     console.print("ok: this silo's data fits the federation")
+    return kind, domain
+
+
+def _check_join_security(args: argparse.Namespace) -> None:
+    """Secure by default: a CA certificate (and a key) unless --insecure says otherwise."""
+    if args.insecure and (args.root_certificates or args.key):
+        fail("silo join: --insecure contradicts --root-certificates/--key; choose one", 2)
+    if not args.insecure and not args.root_certificates:
+        fail("silo join: give --root-certificates ca.crt (and --key), or --insecure", 2)
+    for given in (args.root_certificates, args.key):
+        if given is not None and not given.is_file():
+            fail(f"silo join: {given} not found", 2)
+
+
+def _silo_join(args: argparse.Namespace, kind: str, domain: str) -> None:
+    """Start this silo's SuperNode (TLS and its key unless --insecure), or print the command."""
+    import os
+    import shlex
+
+    from server.submit import flower_bin
+
+    node_config = (
+        f'domain="{domain}" role="{args.role}" data-source="{kind}" '
+        f'data-dir="{args.data.resolve()}"'
+        + (f' state-dir="{args.state_dir.resolve()}"' if args.state_dir else "")
+    )
+    security = ["--insecure"]
+    if args.root_certificates:
+        security = ["--root-certificates", str(args.root_certificates.resolve())]
+    if args.key:
+        security += ["--auth-supernode-private-key", str(args.key.resolve())]
+    argv = [
+        flower_bin("flower-supernode"),
+        *security,
+        "--superlink",
+        args.superlink,
+        "--node-config",
+        node_config,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
+    print("command: " + shlex.join(["flower-supernode", *argv[1:]]))
+    if args.dry_run:
+        print("or with Docker, docker/silo.env for docker/silo.compose.yml (docs/containers.md):")
+        print(f"  FEDALIGN_SUPERLINK={args.superlink}")
+        print(f"  FEDALIGN_SILO={domain}\n  FEDALIGN_ROLE={args.role}")
+        print(f"  FEDALIGN_DATA={args.data.resolve()}\n  FEDALIGN_DATA_SOURCE={kind}")
+        if args.root_certificates:  # the folder must hold ca.crt and the key named <silo>
+            print(f"  FEDALIGN_SECRETS={args.root_certificates.resolve().parent}")
+        return
+    print(f"joining as silo {domain}; stop with Ctrl-C (the federation goes on without it)")
+    sys.stdout.flush()
+    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    os.execve(argv[0], argv, env)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -94,6 +94,25 @@ def _choice(cfg: DictConfig, key: str, known: tuple[str, ...]) -> None:
     _require(value in known, f"{key}={value!r} (known: {', '.join(known)})")
 
 
+def _validate_external(cfg: DictConfig) -> None:
+    """Silos that join from elsewhere must be configured silos of a deployment."""
+    external = list(OmegaConf.select(cfg, "federation.external_silos", default=[]) or [])
+    unknown = [d for d in external if d not in cfg.data.domains]
+    _require(
+        not unknown,
+        f"federation.external_silos has {unknown}, not in data.domains={list(cfg.data.domains)}",
+    )
+    _require(
+        not external or cfg.federation.mode == "deployment",
+        "federation.external_silos applies to a deployment (federation=local)",
+    )
+
+
+def external_silos(cfg: DictConfig) -> set[str]:
+    """Domains whose SuperNodes the launcher does not start (they join themselves)."""
+    return set(OmegaConf.select(cfg, "federation.external_silos", default=[]) or [])
+
+
 def _validate_security(cfg: DictConfig) -> None:
     """TLS and SuperNode authentication apply to a deployment; authentication needs TLS."""
     tls = bool(OmegaConf.select(cfg, "federation.tls", default=False))
@@ -159,6 +178,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "model.name", tuple(sorted(MODELS)))
     _validate_updates(cfg)
     _validate_security(cfg)
+    _validate_external(cfg)
     if "vote" in cfg.strategy:  # FedKA / FedVote settings
         _choice(cfg, "strategy.start_from", ("finetuned", "averaged"))
         _choice(cfg, "strategy.aggregation", ("fedavg", "fisher"))

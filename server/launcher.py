@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedalign.config import Silo, silos
+from fedalign.config import Silo, external_silos, silos
 from fedalign.errors import FedalignError
 from server.processes import ProcessSet, port_in_use
 from server.submit import flower_bin, register_keys, submit, write_connection
@@ -108,9 +108,10 @@ class LocalFederation:
         if not self.simulation:
             ports["SuperLink fleet (federation.fleet_port)"] = int(self.fed.fleet_port)
             for i, silo in enumerate(silos(self.cfg)):
-                ports[f"SuperNode {silo.domain} (federation.supernode_ports_from+{i})"] = (
-                    int(self.fed.supernode_ports_from) + i
-                )
+                if silo.domain not in external_silos(self.cfg):
+                    ports[f"SuperNode {silo.domain} (federation.supernode_ports_from+{i})"] = (
+                        int(self.fed.supernode_ports_from) + i
+                    )
         return ports
 
     def check_ports(self) -> None:
@@ -154,7 +155,15 @@ class LocalFederation:
             self.register_silos()
         if self.simulation:
             return
+        external = external_silos(self.cfg)
         for i, silo in enumerate(silos(self.cfg)):
+            if silo.domain in external:
+                self.echo(
+                    f"silo {silo.domain} ({silo.role}) joins from elsewhere: `fedalign silo join "
+                    f"--superlink {self.fed.host}:{int(self.fed.fleet_port)} --domain "
+                    f"{silo.domain} --role {silo.role} --data <its folder> ...`"
+                )
+                continue
             self.procs.start(
                 f"silo-{silo.domain}",
                 self.supernode_argv(i, silo),

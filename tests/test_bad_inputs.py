@@ -121,6 +121,21 @@ CASES = [
         "data build --per-silo",
         "data build --per-silo needs --cache-dir DIR",
     ),
+    (
+        "external silo that is not a domain",
+        "run federation.external_silos=[kmnist]",
+        "federation.external_silos has ['kmnist'], not in data.domains",
+    ),
+    (
+        "join without a CA certificate",
+        "silo join --superlink 127.0.0.1:{closed} --domain site --data {empty}",
+        "give --root-certificates ca.crt (and --key), or --insecure",
+    ),
+    (
+        "join a data folder that is missing",
+        "silo join --superlink 127.0.0.1:{closed} --domain site --data {empty} --insecure",
+        "empty does not exist",
+    ),
     ("unknown grid preset", "grid nope", "grid: no preset 'nope'"),
     ("unknown command", "train", "unknown command 'train'"),
 ]
