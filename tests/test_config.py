@@ -56,7 +56,7 @@ def test_json_round_trip_is_what_the_server_app_receives():
         (["data.target=kmnist"], "data.target='kmnist' is not one of data.domains"),
         (["train.lr=fast"], "train.lr='fast' is not a number"),
         (["seed=1.5"], "seed=1.5 is not an integer"),
-        (["data.source=imagenet"], "data.source='imagenet' (known: digits5, imagefolder, npz)"),
+        (["data.source=imagenet"], "data.source='imagenet' (known: digit_five, digits5, imagef"),
         (["rounds=0"], "rounds must be >= 1"),
         (["train.optimizer=lbfgs"], "train.optimizer='lbfgs' (known: adam, sgd)"),
         (["device=tpu"], "device='tpu'"),

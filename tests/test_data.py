@@ -284,7 +284,9 @@ def test_unknown_names_raise_one_line_errors(tmp_path: Path) -> None:
         assert str(info.value) == expected
     assert not (tmp_path / "digits5" / "usps.npz").exists()
     with pytest.raises(
-        DataError, match=r"^unknown data source 'nope' \(known: digits5, imagefolder, npz\)$"
+        DataError,
+        match=r"^unknown data source 'nope' \(known: digit_five, digits5, imagefolder, npz, "
+        r"torchvision\)$",
     ):
         get_source("nope")
     with pytest.raises(DataError, match="non-negative"):

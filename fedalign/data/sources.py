@@ -2,7 +2,8 @@
 
 A source is a named collection of domains (one silo each) that loads any of them as a
 ``DomainSplit``: ``digits5`` (the offline benchmark), ``imagefolder`` and ``npz`` (a site's own
-folder: ``fedalign/data/folders.py``). To add one, write a class with ``name``, ``domains()``
+folder: ``fedalign/data/folders.py``), ``digit_five`` and ``torchvision`` (published data already
+on disk: ``fedalign/data/published.py``). To add one, write a class with ``name``, ``domains()``
 and ``load()`` and add it to ``_SOURCES``; ``get_source(name, **kwargs)`` passes the keyword
 arguments to its constructor (``cache_dir``: the silo's data folder, ``seed``).
 """
@@ -16,6 +17,7 @@ from typing import Protocol, runtime_checkable
 from fedalign.data.cache import Rebuild, load_domain
 from fedalign.data.digits5 import DIGITS5_DOMAINS
 from fedalign.data.folders import ImageFolderSource, NpzSource
+from fedalign.data.published import DigitFiveSource, TorchvisionSource
 from fedalign.data.types import DataError, DomainSplit
 
 
@@ -59,6 +61,8 @@ _SOURCES: dict[str, Callable[..., DomainSource]] = {
     "digits5": Digits5Source,
     "imagefolder": ImageFolderSource,
     "npz": NpzSource,
+    "digit_five": DigitFiveSource,
+    "torchvision": TorchvisionSource,
 }
 
 
