@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers: the end-to-end tests mostly wait on Flower's polling.
+PYTEST_JOBS ?= 2
 
 .PHONY: help install system-deps run simulate test test-fast lint format data montage grid results clean \
 	compose-check compose-build compose-up compose-run compose-logs compose-down
@@ -19,7 +21,7 @@ COMPOSE  = FEDALIGN_UID=$$(id -u) FEDALIGN_GID=$$(id -g) $(DOCKER_COMPOSE) -p fe
 help:
 	@echo "make run        real local federation (SuperLink + one SuperNode per silo), ARGS='key=value ...'"
 	@echo "make simulate   the same config in Flower's simulation engine"
-	@echo "make test       the full test suite (about 9 minutes on 2 cores)"
+	@echo "make test       the full test suite (about 21 minutes on 2 cores)"
 	@echo "make test-fast  the suite without the end-to-end process tests"
 	@echo "make data       build/verify the offline Digits-5 cache;  make montage  picture of the domains"
 	@echo "make grid       targets x methods x seeds, resumable: PRESET=smoke (minutes) or full"
@@ -51,10 +53,10 @@ system-deps:
 		|| echo "note: docker-compose is not installed: the container checks will be skipped"
 
 test: install system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_JOBS) $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_JOBS) -m "not e2e" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -133,8 +133,8 @@ CASES = [
     ),
     (
         "join a data folder that is missing",
-        "silo join --superlink 127.0.0.1:{closed} --domain site --data {empty} --insecure",
-        "empty does not exist",
+        "silo join --superlink 127.0.0.1:{closed} --domain site --data {empty}/no-site --insecure",
+        "no-site does not exist",
     ),
     ("unknown grid preset", "grid nope", "grid: no preset 'nope'"),
     ("unknown command", "train", "unknown command 'train'"),

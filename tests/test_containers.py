@@ -123,6 +123,14 @@ def test_image_context_holds_only_code():
     assert {Path(c).name for c in copied} | {"pyproject.toml", "README.md"} == allowed
 
 
+def run_short_federation(topology: Topology, executors: list[str], submit: str) -> None:
+    """Once every silo's executor is healthy, the submit service runs a short federation."""
+    for key in executors:
+        topology.wait_healthy(key)
+    out = topology.run_once(submit, SHORT)
+    assert "finished:completed" in out, out[-2000:]
+
+
 def finished_run(outputs: Path) -> dict:
     runs = sorted(outputs.glob("*/summary.json"))
     assert len(runs) == 1, f"expected one run folder in {outputs}: {runs}"
@@ -144,12 +152,12 @@ def test_one_host_compose_federation_runs(overlay, tmp_path):
         topology.add_project("fedalign", model, profiles=("run",))
         topology.write_hosts()
         topology.up("fedalign")
-        for domain in SILOS:
-            topology.wait_healthy(f"fedalign/clientapp-{domain}")
-        out = topology.run_once("fedalign/submit", SHORT)
-        assert "finished:completed" in out, out[-2000:]
+        run_short_federation(
+            topology, [f"fedalign/clientapp-{d}" for d in SILOS], "fedalign/submit"
+        )
     finally:
-        assert topology.close() == [], "every process of the topology must end"
+        leftovers = topology.close()
+    assert leftovers == [], "every process of the topology must end"
     summary = finished_run(volumes / "outputs")
     assert summary["target"] == "mnistm" and summary["rounds_completed"] == 2
     # Each silo's data reached only its own executor: one folder per silo, nothing else there.
@@ -213,12 +221,10 @@ def test_multi_machine_recipes_with_tls_and_authentication(tmp_path):
         topology.up("server")
         for domain in SILOS:
             topology.up(domain)
-        for domain in SILOS:
-            topology.wait_healthy(f"{domain}/clientapp")
-        out = topology.run_once("server/submit", SHORT)
-        assert "finished:completed" in out, out[-2000:]
+        run_short_federation(topology, [f"{d}/clientapp" for d in SILOS], "server/submit")
     finally:
-        assert topology.close() == [], "every process of the topology must end"
+        leftovers = topology.close()
+    assert leftovers == [], "every process of the topology must end"
     finished_run(tmp_path / "server" / "outputs")
 
 
