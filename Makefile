@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers: the end-to-end tests mostly wait on Flower's polling.
 PYTEST_JOBS ?= 2
 
-.PHONY: help install system-deps run simulate test test-fast lint format data montage grid results clean \
+.PHONY: help install system-deps run simulate test test-fast lint format data montage grid results clean bench \
 	compose-check compose-build compose-up compose-run compose-logs compose-down
 PRESET ?= smoke
 
@@ -26,6 +26,7 @@ help:
 	@echo "make data       build/verify the offline Digits-5 cache;  make montage  picture of the domains"
 	@echo "make grid       targets x methods x seeds, resumable: PRESET=smoke (minutes) or full"
 	@echo "make results    regenerate docs/results*.md/.csv/.png from the run folders in results/"
+	@echo "make bench      the performance benchmarks into docs/perf/ (about 40 minutes; docs/performance.md)"
 	@echo "make lint       ruff check + format check"
 	@echo "make compose-build / compose-up / compose-run ARGS=... / compose-logs / compose-down"
 	@echo "                the one-host container federation (TLS=1: with TLS + node auth)"
@@ -76,6 +77,18 @@ grid: install
 
 results: install
 	$(BIN)/fedalign results $(PRESET)
+
+# docs/performance.md: each script prints ratios measured side by side in its own run.
+PERF := docs/perf
+bench: install data
+	$(BIN)/python bench/bench_overhead.py --rounds 6 --out $(PERF)/overhead.json
+	$(BIN)/python bench/bench_wire.py --out $(PERF)/wire.json
+	$(BIN)/python bench/bench_merge.py --silos 10 --params 11_000_000
+	$(BIN)/python bench/bench_startup.py --out $(PERF)/startup.json
+	$(BIN)/python bench/bench_scale.py --engine simulation --silos 8 100 252 500 1000 \
+		--out $(PERF)/scale.json --plot $(PERF)/scale.png
+	$(BIN)/python bench/bench_scale.py --engine deployment --silos 4 12 24 52 \
+		--out $(PERF)/scale.json --plot $(PERF)/scale.png
 
 compose-check: install system-deps
 	$(BIN)/python -m pytest -q tests/test_containers.py -m "not e2e"

@@ -7,13 +7,16 @@ Handlers (Flower message types):
 - ``evaluate``: evaluate the received weights on the local test split.
 - ``query.embed`` / ``train.vote`` (target silo, FedKA): see ``client/target.py``.
 Errors the operator can fix (bad node-config, missing data, mismatched model) come back to the
-server as one-line error replies.
+server as one-line error replies. Every reply's metrics carry ``handler-seconds`` and, for the
+first message of a process (every message on a deployment: Flower starts a ClientApp process per
+message), ``start-seconds``: from the process's start to the handler (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
@@ -36,8 +39,9 @@ def _reply_errors(handler: Callable[[Message, Context], Message]) -> Callable:
 
     @functools.wraps(handler)
     def wrapper(message: Message, context: Context) -> Message:
+        entered = time.time()
         try:
-            return handler(message, context)
+            return runtime.timed(handler(message, context), entered)
         except (ConfigError, DataError, ValueError, FloatingPointError) as exc:
             domain = context.node_config.get("domain", f"node {context.node_id}")
             log.error("silo %s: %s", domain, exc)

@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import functools
+import os
+import time
 import zlib
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from client.silo import SiloIdentity, identify
+from fedalign.config import ConfigError, parse_shard
 from fedalign.data import DomainSplit, get_source
 from strategies.utils import CONFIG, from_record, to_config
 
 
-@functools.lru_cache(maxsize=4)
-def load_data(source: str, domain: str, cache_dir: str | None, seed: int) -> DomainSplit:
+@functools.lru_cache(maxsize=8)
+def load_domain(source: str, domain: str, cache_dir: str | None, seed: int) -> DomainSplit:
     return get_source(source, cache_dir=cache_dir, seed=seed).load(domain)
+
+
+def load_data(source: str, silo: str, cache_dir: str | None, seed: int, shards: int) -> DomainSplit:
+    """The silo's data: its domain, or for a shard silo ``<domain>.<i>`` part i of ``shards``
+    of the domain's training data (the test split stays whole)."""
+    domain, index = parse_shard(silo)
+    data = load_domain(source, domain, cache_dir, seed)
+    if index is None:
+        return data
+    if index >= shards:
+        raise ConfigError(f"silo {silo}: shard {index} but the run has data.shards={shards}")
+    return data.shard(index, shards, seed)
 
 
 def setup(message: Message, context: Context) -> tuple[SiloIdentity, dict[str, Any], DomainSplit]:
@@ -31,6 +47,7 @@ def setup(message: Message, context: Context) -> tuple[SiloIdentity, dict[str, A
         silo.domain,
         silo.data_dir or cfg.get("data-cache-dir") or None,
         int(cfg.get("data-seed", 0)),
+        int(cfg.get("data-shards", 1)),
     )
     return silo, cfg, data
 
@@ -75,3 +92,34 @@ def train_config(cfg: dict[str, Any], silo: SiloIdentity) -> Any:
 
 def eval_batch(cfg: dict[str, Any]) -> int:
     return int(cfg.get("eval-batch-size", 512))
+
+
+def process_started() -> float | None:
+    """This process's start (epoch seconds) from /proc, or None where there is no /proc."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+        lines = Path("/proc/stat").read_text().splitlines()
+        boot = next(int(line.split()[1]) for line in lines if line.startswith("btime"))
+    except (OSError, ValueError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+_FIRST_MESSAGE = [True]
+
+
+def timed(reply: Message, entered: float) -> Message:
+    """Add ``handler-seconds`` (and ``start-seconds`` for a process's first message) to the
+    reply's metrics: how long the silo worked, and what its process start-up cost."""
+    from strategies.utils import METRICS
+
+    first, _FIRST_MESSAGE[0] = _FIRST_MESSAGE[0], False
+    if reply.has_error() or METRICS not in reply.content.metric_records:
+        return reply
+    metrics = reply.content[METRICS]
+    metrics["handler-seconds"] = time.time() - entered
+    started = process_started() if first else None
+    if started is not None:
+        metrics["start-seconds"] = max(0.0, entered - started)
+    return reply

@@ -7,7 +7,7 @@ the silo keeps its state between rounds for resumed runs; default ``$FEDALIGN_ST
 else ``<cache>/silo-state``). Without ``data-dir`` the data cache is ``$FEDALIGN_CACHE`` (a
 container sets both where its own volumes are mounted: docker/compose.yml).
 Simulation: virtual SuperNodes only have ``partition-id``; partition i is the i-th silo of the
-run's config (``data.domains`` order).
+run's config (``fedalign.config.silos``: ``data.domains`` order, sources split in ``data.shards``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from flwr.app import Context
 
-from fedalign.config import ROLES, ConfigError
+from fedalign.config import ROLES, ConfigError, silos
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,14 @@ def identify(context: Context) -> SiloIdentity:
         cfg = _run_config(context)
         if not cfg:
             raise ConfigError("simulation needs the run config; start it with `fedalign simulate`")
-        domains = list(cfg["data"]["domains"])
+        run_silos = silos(cfg)
         pid = int(node["partition-id"])
-        if pid >= len(domains):
+        if pid >= len(run_silos):
             raise ConfigError(
-                f"partition-id {pid} has no silo: the run has {len(domains)} domains; "
-                f"set num-supernodes={len(domains)}"
+                f"partition-id {pid} has no silo: the run has {len(run_silos)} silos; "
+                f"set num-supernodes={len(run_silos)}"
             )
-        domain = domains[pid]
-        role = "target" if domain == cfg["data"]["target"] else "source"
+        domain, role = run_silos[pid].domain, run_silos[pid].role
     else:
         raise ConfigError(
             "this SuperNode's node-config names no domain; start it with "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client import runtime, state
@@ -48,7 +49,7 @@ def train(message: Message, context: Context) -> Message:
     align = None
     if EMBEDDINGS in message.content.array_records:
         align = Alignment(
-            embeddings=from_record(message.content[EMBEDDINGS])[EMBEDDINGS],
+            embeddings=from_record(message.content[EMBEDDINGS])[EMBEDDINGS].astype(np.float32),
             weight=float(cfg.get("mmd-weight", 0.0)),
             kernel_mul=float(cfg.get("kernel-mul", 2.0)),
             kernel_num=int(cfg.get("kernel-num", 5)),

@@ -35,7 +35,11 @@ def _embeddings(model: Any, data: Any, cfg: dict[str, Any], device: Any) -> dict
         return {}
     seed = int(cfg.get("seed", 0)) * 1_000_003 + int(cfg.get("server-round", 0)) + 17
     idx = sample_indices(len(data.x_train), count, seed)
-    return {EMBEDDINGS: to_record({EMBEDDINGS: embed(model, data.x_train[idx], device)})}
+    features = embed(model, data.x_train[idx], device)
+    if cfg.get("embed-transport", "float32") == "float16":  # half the bytes; sources widen them
+        limit = np.finfo(np.float16).max
+        features = np.clip(features, -limit, limit).astype(np.float16)
+    return {EMBEDDINGS: to_record({EMBEDDINGS: features})}
 
 
 def embed_and_evaluate(message: Message, context: Context) -> Message:

@@ -124,6 +124,18 @@ def _validate_security(cfg: DictConfig) -> None:
     )
 
 
+def _validate_polling(cfg: DictConfig) -> None:
+    """Reply polling of the ServerApp and task polling of Flower's executors (seconds)."""
+    low = OmegaConf.select(cfg, "federation.reply_poll_min", default=None)
+    high = OmegaConf.select(cfg, "federation.reply_poll_max", default=None)
+    if low is not None and high is not None:
+        _number(cfg, "federation.reply_poll_min", float, minimum=0.001)
+        _number(cfg, "federation.reply_poll_max", float, minimum=float(low))
+    if OmegaConf.select(cfg, "federation.superexec_poll", default=None) is not None:
+        poll = _number(cfg, "federation.superexec_poll", float, minimum=0.01)
+        _require(poll <= 60, f"federation.superexec_poll={poll} must be in [0.01, 60] (Flower)")
+
+
 def _validate_updates(cfg: DictConfig) -> None:
     """``updates``: the norm bound and the robust aggregator, and that it fits the strategy."""
     if OmegaConf.select(cfg, "updates.max_norm") is not None:
@@ -166,22 +178,31 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "data.source", source_names())
     _number(cfg, "train.lr", float, minimum=1e-12)
     _number(cfg, "train.weight_decay", float, minimum=0)
-    _number(cfg, "strategy.min_sources")
+    shards = int(_number(cfg, "data.shards")) if "shards" in cfg.data else 1
     _require(
-        int(cfg.strategy.min_sources) <= len(domains) - 1,
+        shards == 1 or not OmegaConf.select(cfg, "federation.external_silos", default=[]),
+        "data.shards > 1 makes silos on this machine; it does not combine with "
+        "federation.external_silos",
+    )
+    _number(cfg, "strategy.min_sources")
+    sources = (len(domains) - 1) * shards
+    _require(
+        int(cfg.strategy.min_sources) <= sources,
         f"strategy.min_sources={cfg.strategy.min_sources} but there are only "
-        f"{len(domains) - 1} source silos",
+        f"{sources} source silos",
     )
     _choice(cfg, "train.optimizer", ("adam", "sgd"))
     _choice(cfg, "federation.mode", FEDERATION_MODES)
     _choice(cfg, "wandb.mode", WANDB_MODES)
     _choice(cfg, "model.name", tuple(sorted(MODELS)))
     _validate_updates(cfg)
+    _validate_polling(cfg)
     _validate_security(cfg)
     _validate_external(cfg)
     if "vote" in cfg.strategy:  # FedKA / FedVote settings
         _choice(cfg, "strategy.start_from", ("finetuned", "averaged"))
         _choice(cfg, "strategy.aggregation", ("fedavg", "fisher"))
+        _choice(cfg, "strategy.embed_transport", ("float32", "float16"))
         for key in ("vote_samples", "embed_samples", "kernel_num"):
             _number(cfg, f"strategy.{key}")
         _number(cfg, "strategy.finetune_steps", minimum=0)
@@ -204,12 +225,34 @@ def validate(cfg: DictConfig) -> None:
     )
 
 
+def shard_name(domain: str, index: int) -> str:
+    """The silo holding part ``index`` of ``domain``'s training data (``data.shards`` > 1)."""
+    return f"{domain}.{index}"
+
+
+def parse_shard(silo: str) -> tuple[str, int | None]:
+    """``"mnist.3"`` -> ``("mnist", 3)``; a whole-domain silo ``"mnist"`` -> ``("mnist", None)``."""
+    domain, _, index = silo.rpartition(".")
+    return (domain, int(index)) if domain and index.isdigit() else (silo, None)
+
+
 def silos(cfg: DictConfig | dict[str, Any]) -> list[Silo]:
-    """The run's silos: one per domain, the target domain's silo has role ``target``."""
+    """The run's silos: one per domain, the target domain's silo has role ``target``.
+
+    With ``data.shards`` = S > 1 every source domain is split among S silos (``<domain>.<i>``,
+    each with 1/S of its training data) for scale experiments; the target silo stays whole.
+    """
     data = cfg["data"]
-    return [
-        Silo(domain=d, role="target" if d == data["target"] else "source") for d in data["domains"]
-    ]
+    shards = int(data.get("shards", 1) or 1)
+    result = []
+    for domain in data["domains"]:
+        if domain == data["target"]:
+            result.append(Silo(domain=domain, role="target"))
+        elif shards == 1:
+            result.append(Silo(domain=domain, role="source"))
+        else:
+            result += [Silo(shard_name(domain, i), "source") for i in range(shards)]
+    return result
 
 
 def to_json(cfg: DictConfig) -> str:

@@ -29,6 +29,8 @@ DIAGNOSTICS = (
     "pseudo_label_accuracy",
     "group_effect",
 )
+PLOT_EVERY = 30.0  # seconds: accuracy.png is redrawn at most this often, and at the end
+MAX_SILO_LINES = 12  # more silos than this (data.shards): the sources are drawn as mean and range
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -80,6 +82,7 @@ class RunRecorder:
         self.round_metrics: dict[int, dict[str, float]] = defaultdict(dict)
         self.lines: list[dict[str, Any]] = []
         self.start = time.perf_counter()
+        self._plotted = self.start
         self.run_dir.mkdir(parents=True, exist_ok=True)
         from omegaconf import OmegaConf
 
@@ -121,7 +124,8 @@ class RunRecorder:
         self.lines.append(line)
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(line) + "\n")
-        self.plot()
+        if time.perf_counter() - self._plotted >= PLOT_EVERY:  # off the round's critical path
+            self.plot()
         if self.tracker is not None:
             self.tracker.log(_flat_for_tracker(line), step=rnd)
         acc = line["target_accuracy"]
@@ -138,6 +142,22 @@ class RunRecorder:
         )
         return line
 
+    def _plot_source_range(self, ax: Any, sources: list[str]) -> None:
+        """Mean and min-max band of the sources' own test accuracy, per round."""
+        rows = []
+        for line in self.lines:
+            accs = [
+                line["silos"][d]["test-accuracy"]
+                for d in sources
+                if "test-accuracy" in line["silos"].get(d, {})
+            ]
+            if accs:
+                rows.append((line["round"], sum(accs) / len(accs), min(accs), max(accs)))
+        if rows:
+            rounds, mean, low, high = zip(*rows, strict=True)
+            ax.fill_between(rounds, low, high, alpha=0.2, label=f"{len(sources)} sources: range")
+            ax.plot(rounds, mean, marker="o", lw=1.0, label=f"{len(sources)} sources: mean")
+
     def plot(self) -> Path:
         """Write ``accuracy.png``: target accuracy (bold) and each silo's own test accuracy."""
         import matplotlib
@@ -152,6 +172,9 @@ class RunRecorder:
         )
         ax = axes[0][0]
         domains = sorted({d for line in self.lines for d in line["silos"]})
+        if len(domains) > MAX_SILO_LINES:
+            self._plot_source_range(ax, [d for d in domains if d != self.target])
+            domains = [self.target]
         for domain in domains:
             points = [
                 (line["round"], line["silos"][domain]["test-accuracy"])
@@ -189,6 +212,7 @@ class RunRecorder:
         fig.savefig(tmp)
         plt.close(fig)
         os.replace(tmp, out)
+        self._plotted = time.perf_counter()
         return out
 
     def state(self) -> dict[str, Any]:
@@ -213,7 +237,9 @@ class RunRecorder:
         )
 
     def finish(self, status: str, error: str | None = None, **extra: Any) -> dict[str, Any]:
-        """Write ``summary.json`` (also on failure) and close the tracker."""
+        """Write ``summary.json`` and ``accuracy.png`` (also on failure), close the tracker."""
+        if self.lines:
+            self.plot()
         accs = [(row["round"], row["target_accuracy"]) for row in self.lines if row["round"] > 0]
         accs = [(r, a) for r, a in accs if a is not None]
         last5 = [a for _, a in accs[-5:]]

@@ -108,6 +108,7 @@ def message_configs(
     data = {
         "data-source": cfg.data.source,
         "data-seed": int(cfg.data.seed),
+        "data-shards": int(OmegaConf.select(cfg, "data.shards", default=1)),
         "data-cache-dir": cfg.data.cache_dir,
     }
     common = {
@@ -149,7 +150,12 @@ def run(
     from strategies.registry import build_strategy
 
     audit = BoundaryAudit(recorder.run_dir / "boundary.jsonl")
-    metered = MeteredGrid(grid, taps=[audit])
+    metered = MeteredGrid(
+        grid,
+        taps=[audit],
+        poll_min=float(OmegaConf.select(cfg, "federation.reply_poll_min", default=0.05)),
+        poll_max=float(OmegaConf.select(cfg, "federation.reply_poll_max", default=0.25)),
+    )
     data_cfg, train_cfg, eval_cfg = message_configs(cfg, recorder.run_dir)
     roster = discover_silos(metered, silos(cfg), float(cfg.federation.connect_timeout), data_cfg)
     audit.names = {node: silo.domain for node, silo in roster.items()}

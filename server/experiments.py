@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fedalign.config import CONF_DIR, ConfigError, compose, validate
+from fedalign.config import CONF_DIR, ConfigError, compose, silos, validate
 from fedalign.errors import FedalignError
 from fedalign.results import cell_dir, is_complete
 from fedalign.runlog import atomic_write_text
@@ -111,7 +111,7 @@ def use_free_ports(cfg: Any) -> None:
     if cfg.federation.mode == "deployment":
         cfg.federation.fleet_port = free_port(host)
         base = free_port(host)
-        while any(port_in_use(host, base + i) for i in range(len(cfg.data.domains))):
+        while any(port_in_use(host, base + i) for i in range(len(silos(cfg)))):
             base = free_port(host)
         cfg.federation.supernode_ports_from = base
 

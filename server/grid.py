@@ -1,7 +1,9 @@
 """A Grid wrapper that meters every message crossing the SuperLink and polls replies promptly.
 
 Flower 1.39's grid sleeps 3 s between reply pulls; this wrapper pulls with a short backoff
-(0.1 s doubling to 1 s), which removes up to 3 s of idle wait from every message phase.
+(``poll_min`` doubling up to ``poll_max``; federation.reply_poll_min/max, default 0.05 s to
+0.25 s), which removes on average 1.5 s of idle wait from every message phase. A pull is one
+small request to the SuperLink's ServerAppIo API (docs/performance.md measures its cost).
 Every message sent and received is counted (bytes) and can be observed by ``taps``.
 """
 
@@ -27,11 +29,22 @@ class MeteredGrid(Grid):
         The Grid the ServerApp was given.
     taps : list of callables, optional
         Each is called as ``tap("sent" | "received", message, size_in_bytes)``.
+    poll_min, poll_max : float (default: 0.05, 0.25)
+        Seconds between reply pulls: the first wait, doubled after every empty pull up to
+        ``poll_max``. ``poll_min = poll_max = 3`` is Flower's own schedule.
     """
 
-    def __init__(self, inner: Grid, taps: list[Tap] | None = None) -> None:
+    def __init__(
+        self,
+        inner: Grid,
+        taps: list[Tap] | None = None,
+        poll_min: float = 0.05,
+        poll_max: float = 0.25,
+    ) -> None:
         self.inner = inner
         self.taps = list(taps or [])
+        self.poll_min = poll_min
+        self.poll_max = poll_max
         self.bytes_sent = 0
         self.bytes_received = 0
         self.destinations: dict[str, int] = {}  # message ID -> the node it was sent to
@@ -92,7 +105,7 @@ class MeteredGrid(Grid):
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        delay = 0.1
+        delay = self.poll_min
         while pending:
             pulled = list(self.pull_messages(pending))
             replies.extend(pulled)
@@ -102,5 +115,5 @@ class MeteredGrid(Grid):
             time.sleep(
                 delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
             )
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, self.poll_max)
         return replies

@@ -33,6 +33,9 @@ class LaunchError(FedalignError):
     """The local federation could not be started or did not finish."""
 
 
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+
+
 def _node_config(values: dict[str, Any]) -> str:
     return " ".join(
         f"{k}={json.dumps(v)}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items()
@@ -70,6 +73,9 @@ class LocalFederation:
             FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
             PYTHONUNBUFFERED="1",
         )
+        poll = OmegaConf.select(cfg, "federation.superexec_poll", default=None)
+        if poll is not None:  # how often each executor asks for a new task (Flower: 1 s)
+            env[SUPEREXEC_POLL_ENV] = str(float(poll))
         self.procs = ProcessSet(env=env)
         self.tls = bool(OmegaConf.select(cfg, "federation.tls", default=False))
         self.auth = bool(OmegaConf.select(cfg, "federation.auth", default=False))

@@ -29,6 +29,8 @@ log = logging.getLogger("fedalign.strategy")
 
 # Train metrics that describe the received model, not the local update.
 RECEIVED_KEYS = ("received-test-accuracy", "received-test-loss")
+# Every reply's timing (client/app.py): the silo's work and its ClientApp process's start-up.
+TIMING_KEYS = ("handler-seconds", "start-seconds")
 
 # Combines validated train replies (sorted by silo) into the new global model and metrics;
 # ``client_config`` lists config keys every source must receive (e.g. to send a Fisher).
@@ -390,11 +392,9 @@ class SiloFedAvg(FedAvg):
         if not all(isinstance(metrics.get(k), float | int) for k in ("test-accuracy", "test-loss")):
             log.warning("round %d: evaluation reply from %s lacks its metrics", rnd, domain)
             return
-        self.recorder.silo(
-            rnd,
-            domain,
-            {"test-accuracy": metrics["test-accuracy"], "test-loss": metrics["test-loss"]},
-        )
+        keys = ("test-accuracy", "test-loss", *TIMING_KEYS)
+        values = {k: metrics[k] for k in keys if k in metrics}
+        self.recorder.silo(rnd, domain, values)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -61,7 +61,8 @@ class FedKA(SiloFedAvg):
     mmd_weight : float (default: 1.0)
         Multiplies alpha(p) for the alignment term.
     target_config : dict
-        Sent to the target silo: embed-samples, vote-samples, soft-vote, min-agreement,
+        Sent to the target silo: embed-samples, embed-transport, vote-samples, soft-vote,
+        min-agreement,
         vote-target-stats, finetune-steps, kernel-mul, kernel-num.
     aggregator : Aggregator, optional
         How source models are combined (default FedAvg; ``FisherAggregator`` for Fisher).

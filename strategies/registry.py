@@ -7,13 +7,23 @@ from typing import Any
 from fedalign.config import ConfigError, Silo
 from fedalign.runlog import RunRecorder
 from strategies.fedavg import SiloFedAvg
+from strategies.fedavg_stock import StockFedAvg
 from strategies.fedbn import FedBN
 from strategies.fedka import FedKA
 from strategies.fedprox import FedProx
 from strategies.fisher import FisherAggregator, FisherMerge, FisherSettings
 from strategies.robust import RobustAggregator
 
-STRATEGIES = ("fedavg", "fedprox", "fedbn", "fisher", "fedka", "fedvote", "fedka_fisher")
+STRATEGIES = (
+    "fedavg",
+    "fedavg_stock",
+    "fedprox",
+    "fedbn",
+    "fisher",
+    "fedka",
+    "fedvote",
+    "fedka_fisher",
+)
 
 
 def fisher_parts(cfg: Any) -> tuple[FisherSettings, set[str]]:
@@ -50,6 +60,8 @@ def _strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> SiloF
     common = {"num_rounds": int(cfg.rounds), "min_sources": int(s.min_sources)}
     if s.name == "fedavg":
         return SiloFedAvg(roster, recorder, **common)
+    if s.name == "fedavg_stock":
+        return StockFedAvg(roster, recorder, **common)
     if s.name == "fedprox":
         return FedProx(roster, recorder, **common, proximal_mu=float(s.proximal_mu))
     if s.name == "fedbn":
@@ -69,6 +81,7 @@ def _strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> SiloF
             mmd_weight=float(s.mmd_weight),
             target_config={
                 "embed-samples": int(s.embed_samples),
+                "embed-transport": str(s.embed_transport),
                 "vote-samples": int(s.vote_samples),
                 "soft-vote": bool(s.soft_vote),
                 "min-agreement": float(s.min_agreement),

@@ -1,15 +1,14 @@
-"""Shared fixtures: one offline benchmark cache per session, and an in-process Flower grid."""
+"""Shared fixtures: one offline benchmark cache per session; the in-process Flower grid
+(``server/inprocess.py``) re-exported for the tests."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
 
+from server.inprocess import InProcessGrid, make_context  # noqa: F401 (the tests' grid)
 from server.processes import port_in_use
 
 SMALL_DOMAINS = ("mnist", "usps", "mnistm")
@@ -54,67 +53,6 @@ def silo_config(cache: Path | str, **extra: object) -> dict:
         "server-round": 1,
         **extra,
     }
-
-
-def make_context(node_id: int, node_config: dict, run_config: dict | None = None) -> Context:
-    return Context(
-        run_id=0,
-        node_id=node_id,
-        node_config=node_config,
-        state=RecordDict(),
-        run_config=run_config or {},
-    )
-
-
-class InProcessGrid(Grid):
-    """A Grid that delivers each message to a ClientApp in this process (no SuperLink).
-
-    ``nodes`` maps node ID -> node-config. ``intercept(message, reply)`` may replace replies.
-    """
-
-    def __init__(
-        self,
-        client_app: Callable[[Message, Context], Message],
-        nodes: dict[int, dict],
-        intercept: Callable[[Message, Message], Message] | None = None,
-    ) -> None:
-        self.client_app = client_app
-        self.nodes = nodes
-        self.intercept = intercept
-        self.contexts = {nid: make_context(nid, cfg) for nid, cfg in nodes.items()}
-        self.pending: dict[str, Message] = {}
-
-    def set_run(self, run: object) -> None:  # pragma: no cover - not used in-process
-        pass
-
-    @property
-    def run(self) -> object:  # pragma: no cover - not used in-process
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id
-            reply = self.client_app(message, self.contexts[message.metadata.dst_node_id])
-            reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
-            reply.metadata.__dict__["_reply_to_message_id"] = message.object_id
-            if self.intercept is not None:
-                reply = self.intercept(message, reply)
-            self.pending[message.object_id] = reply
-            ids.append(message.object_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
 
 
 def free_ports(count: int) -> list[int]:

@@ -56,7 +56,7 @@ def run_rounds(tmp_path, grid, rounds=2, min_sources=1):
 
 def test_rounds_improve_target_and_write_metrics(tmp_path, digits_cache):
     grid = InProcessGrid(client_app, node_configs(digits_cache))
-    _, metered, _, _ = run_rounds(tmp_path, grid)
+    recorder, metered, _, _ = run_rounds(tmp_path, grid)
     lines = [
         json.loads(row) for row in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
@@ -70,6 +70,8 @@ def test_rounds_improve_target_and_write_metrics(tmp_path, digits_cache):
     )
     assert lines[1]["bytes_sent"] > 0 and lines[1]["bytes_received"] > 0
     assert metered.bytes_sent == sum(row["bytes_sent"] for row in lines) + metered.discovery_bytes
+    assert not (tmp_path / "run" / "accuracy.png").exists()  # drawn at most every 30 s
+    recorder.finish("completed")
     assert (tmp_path / "run" / "accuracy.png").stat().st_size > 1000
 
 

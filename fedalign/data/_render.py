@@ -11,11 +11,8 @@ import os
 from functools import cache, lru_cache
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-import skimage
 from PIL import Image, ImageDraw, ImageFont
-from sklearn.datasets import load_sample_image
 
 from fedalign.data.types import DataError
 
@@ -45,6 +42,8 @@ _LUMA = np.array([0.299, 0.587, 0.114])
 
 def font_dir() -> Path:
     """Return matplotlib's bundled TrueType font folder."""
+    import matplotlib  # imported here: a silo that only loads cached data never needs it
+
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
@@ -119,7 +118,11 @@ def photo(name: str) -> Image.Image:
     """Load a bundled photo by short name as an RGB or greyscale (L) PIL image."""
     package, filename = _PHOTO_FILES[name]
     if package == "sklearn":
+        from sklearn.datasets import load_sample_image
+
         return Image.fromarray(load_sample_image(filename))
+    import skimage
+
     image = Image.open(Path(os.path.dirname(skimage.__file__)) / "data" / filename)
     return image.convert("L" if image.mode in ("L", "LA", "I;16") else "RGB")
 

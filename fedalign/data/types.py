@@ -40,6 +40,27 @@ class DomainSplit:
     def is_features(self) -> bool:
         return self.x_train.ndim == 2
 
+    def shard(self, index: int, shards: int, seed: int = 0) -> DomainSplit:
+        """Part ``index`` of ``shards`` disjoint, equal-sized (up to one) random parts of the
+        training data; the test split is kept whole. DataError when a part would be empty."""
+        if not 0 <= index < shards:
+            raise DataError(f"domain '{self.name}': shard {index} is outside [0, {shards})")
+        if shards > len(self.y_train):
+            raise DataError(
+                f"domain '{self.name}' has {len(self.y_train)} training samples, too few for "
+                f"{shards} shards; lower data.shards"
+            )
+        order = np.random.default_rng(seed).permutation(len(self.y_train))
+        part = np.sort(order[index::shards])
+        return DomainSplit(
+            name=f"{self.name}.{index}",
+            x_train=self.x_train[part],
+            y_train=self.y_train[part],
+            x_test=self.x_test,
+            y_test=self.y_test,
+            classes=self.classes,
+        )
+
     def validate(
         self, fix: str = "rebuild the data with `fedalign data build --force`"
     ) -> DomainSplit:
