@@ -5,7 +5,9 @@ source domains is split among S silos (4*S sources + the target silo), in Flower
 engine (``--engine simulation``: virtual SuperNodes in Ray) or as real processes
 (``--engine deployment``: one ``flower-supernode`` per silo on loopback, each with its own
 executor and a fresh ClientApp process per message). Silos do little learning (``--steps`` local
-steps) so that the cost measured is the federation's, not the model's.
+steps) so that the cost measured is the federation's, not the model's. On the deployment at most
+``--max-in-flight`` silos work at once (``federation.max_in_flight``): every ClientApp process
+holds torch, and 50 of them at once do not fit in 24 GiB.
 
 While a step runs, a sampler reads every process of the federation from /proc: the proportional
 set size (PSS: shared library pages divided among their users) per kind of process, the total,
@@ -65,7 +67,7 @@ class Sampler(threading.Thread):
                 return
 
 
-def overrides(engine: str, shards: int, rounds: int, steps: int) -> list[str]:
+def overrides(engine: str, shards: int, args: argparse.Namespace) -> list[str]:
     from fedalign.config import compose
     from server.experiments import use_free_ports
 
@@ -73,8 +75,8 @@ def overrides(engine: str, shards: int, rounds: int, steps: int) -> list[str]:
     chosen = [
         f"federation={federation}",
         f"data.shards={shards}",
-        f"rounds={rounds}",
-        f"train.local_steps={steps}",
+        f"rounds={args.rounds}",
+        f"train.local_steps={args.steps}",
         "train.keep_optimizer_state=false",
         "train.log_every=0",
         "wandb.mode=disabled",
@@ -82,6 +84,8 @@ def overrides(engine: str, shards: int, rounds: int, steps: int) -> list[str]:
         "federation.connect_timeout=900",
         "federation.round_timeout=1800",
     ]
+    if federation == "local":
+        chosen.append(f"federation.max_in_flight={args.max_in_flight}")
     cfg = compose(chosen)
     use_free_ports(cfg)
     ports = ["control_port"]
@@ -94,7 +98,7 @@ def run_step(engine: str, shards: int, args: argparse.Namespace, root: Path) -> 
     run_dir = root / f"{engine}-{shards}"
     argv = [
         sys.executable, "-m", "fedalign.cli", "run",
-        *overrides(engine, shards, args.rounds, args.steps),
+        *overrides(engine, shards, args),
         f"output.run_dir={run_dir}",
     ]  # fmt: skip
     log = root / f"{engine}-{shards}.log"
@@ -114,6 +118,7 @@ def run_step(engine: str, shards: int, args: argparse.Namespace, root: Path) -> 
         "engine": engine,
         "silos": silos,
         "shards": shards,
+        "max_in_flight": args.max_in_flight if engine == "deployment" else None,
         "exit_code": code,
         "command_seconds": round(wall, 1),
         "peak_pss_gib": round(sampler.peak_total / GIB, 2),
@@ -181,6 +186,12 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="local steps per round")
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=8,
+        help="deployment: silos working at once (federation.max_in_flight)",
+    )
     parser.add_argument("--sample-every", type=float, default=2.0)
     parser.add_argument("--min-free-gib", type=float, default=1.0)
     parser.add_argument("--out", type=Path, help="JSON file: steps of earlier calls are kept")

@@ -131,6 +131,8 @@ def _validate_polling(cfg: DictConfig) -> None:
     if low is not None and high is not None:
         _number(cfg, "federation.reply_poll_min", float, minimum=0.001)
         _number(cfg, "federation.reply_poll_max", float, minimum=float(low))
+    if OmegaConf.select(cfg, "federation.max_in_flight", default=None) is not None:
+        _number(cfg, "federation.max_in_flight", minimum=0)
     if OmegaConf.select(cfg, "federation.superexec_poll", default=None) is not None:
         poll = _number(cfg, "federation.superexec_poll", float, minimum=0.01)
         _require(poll <= 60, f"federation.superexec_poll={poll} must be in [0.01, 60] (Flower)")

@@ -155,6 +155,7 @@ def run(
         taps=[audit],
         poll_min=float(OmegaConf.select(cfg, "federation.reply_poll_min", default=0.05)),
         poll_max=float(OmegaConf.select(cfg, "federation.reply_poll_max", default=0.25)),
+        max_in_flight=int(OmegaConf.select(cfg, "federation.max_in_flight", default=0)),
     )
     data_cfg, train_cfg, eval_cfg = message_configs(cfg, recorder.run_dir)
     roster = discover_silos(metered, silos(cfg), float(cfg.federation.connect_timeout), data_cfg)

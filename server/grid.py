@@ -32,6 +32,9 @@ class MeteredGrid(Grid):
     poll_min, poll_max : float (default: 0.05, 0.25)
         Seconds between reply pulls: the first wait, doubled after every empty pull up to
         ``poll_max``. ``poll_min = poll_max = 3`` is Flower's own schedule.
+    max_in_flight : int (default: 0)
+        At most this many messages of a phase await replies at once (0: no limit). On one
+        machine it bounds how many ClientApp processes (each with torch loaded) live at once.
     """
 
     def __init__(
@@ -40,11 +43,13 @@ class MeteredGrid(Grid):
         taps: list[Tap] | None = None,
         poll_min: float = 0.05,
         poll_max: float = 0.25,
+        max_in_flight: int = 0,
     ) -> None:
         self.inner = inner
         self.taps = list(taps or [])
         self.poll_min = poll_min
         self.poll_max = poll_max
+        self.max_in_flight = max_in_flight
         self.bytes_sent = 0
         self.bytes_received = 0
         self.destinations: dict[str, int] = {}  # message ID -> the node it was sent to
@@ -98,19 +103,30 @@ class MeteredGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push, then pull until every reply arrived or ``timeout`` seconds passed."""
-        messages = list(messages)
-        if not messages:
+        """Push, then pull until every reply arrived or ``timeout`` seconds passed. With
+        ``max_in_flight`` > 0 at most that many messages await a reply at any time: the next
+        ones are pushed as replies come in."""
+        queue = list(messages)
+        if not queue:
             return []
-        pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
+        pending: set[str] = set()
         replies: list[Message] = []
         delay = self.poll_min
-        while pending:
+        while True:
+            room = len(queue) if self.max_in_flight <= 0 else self.max_in_flight - len(pending)
+            if room > 0 and queue:
+                pending.update(self.push_messages(queue[:room]))
+                del queue[:room]
+                delay = self.poll_min
             pulled = list(self.pull_messages(pending))
             replies.extend(pulled)
             pending.difference_update(m.metadata.reply_to_message_id for m in pulled)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
+            if pulled and queue:
+                continue  # room for more: push them before waiting
+            if not pending and not queue:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
                 break
             time.sleep(
                 delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))

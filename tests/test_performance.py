@@ -178,3 +178,43 @@ def test_plot_is_drawn_at_the_end_and_summarises_many_silos(tmp_path):
     assert not (tmp_path / "accuracy.png").exists()
     recorder.finish("completed")
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+class SlowGrid:
+    """An inner grid that answers each message on the second pull after its push."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, Message] = {}
+        self.pulls: dict[str, int] = {}
+        self.most_in_flight = 0
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            key = str(len(self.sent))
+            message.metadata.__dict__["_message_id"] = key
+            self.sent[key], self.pulls[key] = message, 0
+            ids.append(key)
+        self.most_in_flight = max(self.most_in_flight, len(self.pulls))
+        return ids
+
+    def pull_messages(self, ids):
+        ready = []
+        for key in ids:
+            self.pulls[key] += 1
+            if self.pulls[key] >= 2:
+                ready.append(Message(RecordDict(), reply_to=self.sent[key]))
+                del self.pulls[key]
+        return ready
+
+
+@pytest.mark.parametrize("limit", [0, 1, 3])
+def test_max_in_flight_bounds_the_silos_working_at_once(monkeypatch, limit):
+    monkeypatch.setattr("server.grid.time.sleep", lambda _: None)
+    inner = SlowGrid()
+    grid = MeteredGrid(inner, max_in_flight=limit)  # type: ignore[arg-type]
+    messages = [Message(RecordDict(), node, "train") for node in range(1, 8)]
+    replies = list(grid.send_and_receive(messages))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(inner.sent)
+    assert len(replies) == 7
+    assert inner.most_in_flight == (7 if limit == 0 else limit)
