@@ -56,10 +56,17 @@ def round_seconds(run_dir: Path) -> list[float]:
     return [line["wall_seconds"] for line in lines if 0 < line["round"] < last]
 
 
+def start_and_work(metrics: dict[str, float]) -> tuple[float, float]:
+    """A reply's ClientApp start-up (process start to handler, plus importing torch in the
+    handler) and its work (the rest of the handler)."""
+    imported = metrics.get("import-seconds", 0.0)
+    return metrics.get("start-seconds", 0.0) + imported, metrics["handler-seconds"] - imported
+
+
 def critical_path(run_dir: Path, target: str) -> dict[str, float]:
     """Mean over rounds 1..R-1 of the silos' part of a round: the slowest source's ClientApp
-    start-up and work (``start-seconds``, ``handler-seconds``), plus for FedKA the target's
-    vote phase; the rest of the round's wall time is Flower's transport and polling."""
+    start-up and work (client/runtime.py ``timed``), plus for FedKA the target's vote phase;
+    the rest of the round's wall time is Flower's transport and polling."""
     lines = [json.loads(row) for row in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = max(line["round"] for line in lines)
     start, work, rest = [], [], []
@@ -68,10 +75,11 @@ def critical_path(run_dir: Path, target: str) -> dict[str, float]:
             continue
         sources = [m for d, m in line["silos"].items() if d != target and "train-loss" in m]
         slowest = max(sources, key=lambda m: m.get("start-seconds", 0) + m["handler-seconds"])
-        s, w = slowest.get("start-seconds", 0.0), slowest["handler-seconds"]
+        s, w = start_and_work(slowest)
         voter = line["silos"].get(target, {})
         if "vote-seconds" in voter:  # FedKA's phase B: the target silo's own process
-            s, w = s + voter.get("start-seconds", 0.0), w + voter["handler-seconds"]
+            vs, vw = start_and_work(voter)
+            s, w = s + vs, w + vw
         start.append(s)
         work.append(w)
         rest.append(line["wall_seconds"] - s - w)

@@ -9,7 +9,8 @@ Handlers (Flower message types):
 Errors the operator can fix (bad node-config, missing data, mismatched model) come back to the
 server as one-line error replies. Every reply's metrics carry ``handler-seconds`` and, for the
 first message of a process (every message on a deployment: Flower starts a ClientApp process per
-message), ``start-seconds``: from the process's start to the handler (docs/performance.md).
+message), ``start-seconds`` (from the process's start to the handler) and ``import-seconds``
+(importing torch inside the handler): docs/performance.md.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -38,6 +39,11 @@ def setup(message: Message, context: Context) -> tuple[SiloIdentity, dict[str, A
     """This silo's identity, the message's config, and the silo's own data."""
     silo = identify(context)
     cfg = dict(message.content[CONFIG]) if CONFIG in message.content else {}
+    if "torch" not in sys.modules:  # the first message of this process pays for it
+        started = time.time()
+        import torch
+
+        _IMPORT_SECONDS[0] = time.time() - started
     if silo.threads > 0:
         import torch
 
@@ -107,11 +113,13 @@ def process_started() -> float | None:
 
 
 _FIRST_MESSAGE = [True]
+_IMPORT_SECONDS = [0.0]  # seconds this process spent importing torch (the largest start-up cost)
 
 
 def timed(reply: Message, entered: float) -> Message:
-    """Add ``handler-seconds`` (and ``start-seconds`` for a process's first message) to the
-    reply's metrics: how long the silo worked, and what its process start-up cost."""
+    """Add ``handler-seconds`` to the reply's metrics (how long the silo worked), and for a
+    process's first message ``start-seconds`` (process start to handler) and
+    ``import-seconds`` (the part of the handler spent importing torch)."""
     from strategies.utils import METRICS
 
     first, _FIRST_MESSAGE[0] = _FIRST_MESSAGE[0], False
@@ -122,4 +130,5 @@ def timed(reply: Message, entered: float) -> Message:
     started = process_started() if first else None
     if started is not None:
         metrics["start-seconds"] = max(0.0, entered - started)
+        metrics["import-seconds"] = _IMPORT_SECONDS[0]
     return reply

@@ -30,7 +30,7 @@ log = logging.getLogger("fedalign.strategy")
 # Train metrics that describe the received model, not the local update.
 RECEIVED_KEYS = ("received-test-accuracy", "received-test-loss")
 # Every reply's timing (client/app.py): the silo's work and its ClientApp process's start-up.
-TIMING_KEYS = ("handler-seconds", "start-seconds")
+TIMING_KEYS = ("handler-seconds", "start-seconds", "import-seconds")
 
 # Combines validated train replies (sorted by silo) into the new global model and metrics;
 # ``client_config`` lists config keys every source must receive (e.g. to send a Fisher).

@@ -218,3 +218,20 @@ def test_max_in_flight_bounds_the_silos_working_at_once(monkeypatch, limit):
     assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(inner.sent)
     assert len(replies) == 7
     assert inner.most_in_flight == (7 if limit == 0 else limit)
+
+
+def test_replies_say_how_long_the_silo_worked_and_started(monkeypatch, digits_cache):
+    from flwr.app import ConfigRecord
+
+    from client import runtime
+    from client.app import app as client_app
+    from tests.conftest import silo_config
+
+    monkeypatch.setattr(runtime, "_FIRST_MESSAGE", [True])  # as in a fresh ClientApp process
+    context = make_context(7, {"domain": "usps", "role": "source"})
+    content = RecordDict({"config": ConfigRecord(silo_config(digits_cache))})
+    first = client_app(Message(content, 7, "query.info"), context).content["metrics"]
+    second = client_app(Message(content, 7, "query.info"), context).content["metrics"]
+    assert first["handler-seconds"] > 0 and second["handler-seconds"] > 0
+    assert first["start-seconds"] > 0 and first["import-seconds"] >= 0  # the process's age
+    assert "start-seconds" not in second and "import-seconds" not in second

@@ -142,6 +142,11 @@ class Topology:
     # --------------------------------------------------------------------------- running
     def command(self, service: Service, extra: tuple[str, ...] = ()) -> list[str]:
         argv = [*service.spec.get("entrypoint", []), *service.spec.get("command", []), *extra]
+        return self.local_argv(service, argv)
+
+    @staticmethod
+    def local_argv(service: Service, argv: list[str]) -> list[str]:
+        """A container command line with its paths and tools mapped to this machine."""
         argv = [service.rewrite(str(arg)) for arg in argv]
         if (BIN / argv[0]).exists():
             argv[0] = str(BIN / argv[0])
@@ -214,9 +219,7 @@ class Topology:
         children = descendants(service.proc.popen.pid)
         if not children:
             return False
-        argv = [service.rewrite(str(arg)) for arg in test[1:]]
-        if (BIN / argv[0]).exists():
-            argv[0] = str(BIN / argv[0])
+        argv = self.local_argv(service, test[1:])
         out = subprocess.run(
             ["nsenter", "-t", str(children[0]), "-n", "-p", "-m",
              f"--wd={self.workdir(service)}", "--", *argv],
