@@ -35,8 +35,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedalign.config import CONF_DIR, ConfigError, compose, validate
+from fedalign.config import CONF_DIR, ConfigError, compose, silos, validate
 from fedalign.errors import FedalignError
+from fedalign.runlog import MAX_SILO_LINES
 
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 HYDRA_FLAGS_WITH_VALUE = {
@@ -119,11 +120,16 @@ def print_results(run_dir: Path, console: Any) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     target = summary["target"]
     others = sorted({d for row in lines for d in row["silos"]} - {target})
+    many = len(others) > MAX_SILO_LINES  # data.shards: the sources' mean, not a column each
+    columns = [f"mean of {len(others)} sources"] if many else others
     table = Table(title=f"target: {target} (unseen domain)")
-    for col in ["round", f"{target} (target)", *others, "seconds", "MB sent", "MB recv"]:
+    for col in ["round", f"{target} (target)", *columns, "seconds", "MB sent", "MB recv"]:
         table.add_column(col, justify="right")
     for line in lines:
         accs = [line["silos"].get(d, {}).get("test-accuracy") for d in others]
+        if many:
+            known = [a for a in accs if a is not None]
+            accs = [sum(known) / len(known) if known else None]
         table.add_row(
             str(line["round"]),
             _pct(line["target_accuracy"]),
@@ -163,7 +169,7 @@ def _job(cfg: Any) -> float | None:
         ensure_data(cfg, console.print)
         console.print(
             f"[bold]fedalign[/bold] {cfg.name}: {cfg.federation.mode}, "
-            f"{len(cfg.data.domains)} silos, {cfg.rounds} rounds -> {run_dir}"
+            f"{len(silos(cfg))} silos, {cfg.rounds} rounds -> {run_dir}"
         )
         summary = launch(cfg, run_dir, echo=console.print)
     except FedalignError as exc:

@@ -129,16 +129,23 @@ class RunRecorder:
         if self.tracker is not None:
             self.tracker.log(_flat_for_tracker(line), step=rnd)
         acc = line["target_accuracy"]
+        others = {
+            d: m["test-accuracy"]
+            for d, m in silos.items()
+            if d != self.target and "test-accuracy" in m
+        }
+        if len(others) <= MAX_SILO_LINES:
+            detail = ", ".join(f"{d} {a:.3f}" for d, a in sorted(others.items()))
+        else:
+            values = list(others.values())
+            detail = f"{len(values)} sources: mean {sum(values) / len(values):.3f}, range "
+            detail += f"{min(values):.3f}-{max(values):.3f}"
         log.info(
             "round %d: target %s accuracy %s | %s",
             rnd,
             self.target,
             "n/a" if acc is None else f"{acc:.4f}",
-            ", ".join(
-                f"{d} {m['test-accuracy']:.3f}"
-                for d, m in sorted(silos.items())
-                if d != self.target and "test-accuracy" in m
-            ),
+            detail,
         )
         return line
 

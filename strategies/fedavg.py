@@ -319,7 +319,9 @@ class SiloFedAvg(FedAvg):
             "round %d/%d: training on %s",
             server_round,
             self.num_rounds,
-            ", ".join(self.domain(n) for n in sources),
+            ", ".join(self.domain(n) for n in sources)
+            if len(sources) <= 12
+            else f"{len(sources)} source silos",
         )
         return self.expect(
             self.messages(
