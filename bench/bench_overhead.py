@@ -105,7 +105,9 @@ def time_to_accuracy(run_dir: Path) -> dict[str, float | None]:
     return reached
 
 
-def run_variant(strategy: str, variant: str, rounds: int, root: Path) -> dict[str, Any]:
+def run_variant(
+    strategy: str, variant: str, rounds: int, root: Path, steps: int | None = None
+) -> dict[str, Any]:
     """One run; returns its round times and the whole command's wall time."""
     from server.experiments import use_free_ports
     from server.inprocess import run_in_process
@@ -116,6 +118,8 @@ def run_variant(strategy: str, variant: str, rounds: int, root: Path) -> dict[st
         return {}
     name = replace or strategy
     base = [f"strategy={name}", f"rounds={rounds}", "wandb.mode=disabled", f"name=bench-{name}"]
+    if steps is not None:
+        base.append(f"train.local_steps={steps}")
     cfg = compose([*base, *extra])
     validate(cfg)
     run_dir = root / f"{strategy}-{variant}"
@@ -129,6 +133,7 @@ def run_variant(strategy: str, variant: str, rounds: int, root: Path) -> dict[st
     seconds = round_seconds(run_dir)
     result = {
         "strategy": name,
+        "local_steps": int(cfg.train.local_steps),
         "variant": variant,
         "round_seconds": seconds,
         "mean_round_seconds": statistics.mean(seconds),
@@ -161,6 +166,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--strategies", nargs="+", default=["fedavg", "fedka"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, help="local steps per round (default: the config's)")
     parser.add_argument("--out", type=Path, help="write the measurements as JSON here")
     args = parser.parse_args()
     if args.rounds < 3:
@@ -169,7 +175,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedalign-bench-") as tmp:
         for strategy in args.strategies:
             for variant in args.variants:
-                if result := run_variant(strategy, variant, args.rounds, Path(tmp)):
+                if result := run_variant(strategy, variant, args.rounds, Path(tmp), args.steps):
                     results.append(result)
     by = {(r["strategy"], r["variant"]): r for r in results}
     print("\nratios (mean round wall time, measured above):")
@@ -192,7 +198,12 @@ def main() -> None:
                   f"FedKA/FedAvg {ratio}")  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"cpus": os.cpu_count(), "rounds": args.rounds, "time": time.ctime()}
+        meta = {
+            "cpus": os.cpu_count(),
+            "rounds": args.rounds,
+            "local_steps": args.steps or int(compose([]).train.local_steps),
+            "time": time.ctime(),
+        }
         args.out.write_text(json.dumps({"meta": meta, "runs": results}, indent=2) + "\n")
         print(f"wrote {args.out}")
 
