@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -166,6 +168,7 @@ def main() -> None:
     parser.add_argument("--silos", type=int, default=10)
     parser.add_argument("--params", type=lambda s: int(s.replace("_", "")), default=11_000_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="write the ratios as JSON here")
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}, numpy {np.__version__}")
     ratios = bench_merge(args.silos, args.params, args.repeats)
@@ -177,6 +180,17 @@ def main() -> None:
         f"exact Fisher = {fisher_ratio:.1f}x a local epoch, "
         f"vmap = {speed_up:.1f}x faster than a per-example loop"
     )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        values = {
+            "silos": args.silos,
+            "params": args.params,
+            "merge_throughput_over_copy": ratios["merge"],
+            "fedavg_throughput_over_copy": ratios["fedavg"],
+            "exact_fisher_over_local_epoch": fisher_ratio,
+            "vmap_speed_up_over_loop": speed_up,
+        }
+        args.out.write_text(json.dumps(values, indent=2) + "\n")
 
 
 if __name__ == "__main__":
