@@ -5,6 +5,8 @@ digit CNN, 60 local steps) for ``--rounds`` rounds as:
 
 * ``deployed``: ``fedalign run`` on this machine (SuperLink, one SuperNode per silo, a fresh
   ClientApp process per message), with fedalign's settings;
+* ``earlier-polling``: the same, with fedalign's polling before issue #9 (grid pulls after 0.1 s
+  doubling to 1 s, executors poll every 1 s);
 * ``flower-polling``: the same, with Flower's own polling (grid pulls every 3 s, executors poll
   for tasks every 1 s);
 * ``flower-stock``: Flower's stock FedAvg pattern (a train phase and an evaluate phase per
@@ -41,8 +43,14 @@ FLOWER_POLLING = [
     "federation.reply_poll_max=3",
     "federation.superexec_poll=null",
 ]
+EARLIER_POLLING = [  # fedalign before issue #9: grid pulls 0.1 s doubling to 1 s, Flower's 1 s
+    "federation.reply_poll_min=0.1",
+    "federation.reply_poll_max=1",
+    "federation.superexec_poll=null",
+]
 VARIANTS = {  # name -> (strategy for "fedavg", extra overrides, deployed?)
     "deployed": (None, [], True),
+    "earlier-polling": (None, EARLIER_POLLING, True),
     "flower-polling": (None, FLOWER_POLLING, True),
     "flower-stock": ("fedavg_stock", FLOWER_POLLING, True),
     "in-process": (None, [], False),
