@@ -26,7 +26,7 @@ def load_domain(source: str, domain: str, cache_dir: str | None, seed: int) -> D
 def load_data(source: str, silo: str, cache_dir: str | None, seed: int, shards: int) -> DomainSplit:
     """The silo's data: its domain, or for a shard silo ``<domain>.<i>`` part i of ``shards``
     of the domain's training data (the test split stays whole)."""
-    domain, index = parse_shard(silo)
+    domain, index = parse_shard(silo) if shards > 1 else (silo, None)  # a site may be "lab.2"
     data = load_domain(source, domain, cache_dir, seed)
     if index is None:
         return data
