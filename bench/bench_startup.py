@@ -10,6 +10,8 @@ processes, measured in this run:
 * ``client.app, eager``: the same plus scikit-learn, matplotlib and scikit-image, which the module
   imported before the lazy imports (the "before" of that change);
 * ``torch``: ``import torch`` (paid once per message by any torch ClientApp);
+* ``torch.optim first use``: creating the first optimizer imports ``torch._dynamo`` (torch
+  2.14's ``Optimizer`` methods are wrapped to disable the compiler, which imports it);
 * ``data``: loading and verifying one cached domain (mnistm).
 
 And one server-side cost per round: redrawing ``accuracy.png`` (10 rounds, 5 silos), which the
@@ -32,6 +34,7 @@ STEPS = {
     "client.app": "import client.app",
     "client.app, eager": "import client.app, sklearn.datasets, matplotlib, skimage",
     "torch": "import torch",
+    "torch.optim first use": "torch.optim.Adam(torch.nn.Linear(2, 2).parameters())",
     "data": "from client.runtime import load_domain",
 }
 TIMED = """
@@ -48,6 +51,8 @@ def seconds(name: str) -> float:
     setup = ""
     if name == "data":
         setup, code = code, "load_domain('digits5', 'mnistm', None, 0)"
+    if name == "torch.optim first use":
+        setup = "import torch"
     out = subprocess.run(
         [sys.executable, "-c", TIMED.format(setup=setup, code=code)],
         check=True,
