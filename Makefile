@@ -81,7 +81,10 @@ results: install
 # docs/performance.md: each script prints ratios measured side by side in its own run.
 PERF := docs/perf
 bench: install data
-	$(BIN)/python bench/bench_overhead.py --rounds 6 --out $(PERF)/overhead.json
+	$(BIN)/python bench/bench_overhead.py --rounds 6 --strategies fedavg fedka \
+		--variants deployed flower-polling flower-stock in-process --out $(PERF)/overhead.json
+	$(BIN)/python bench/bench_overhead.py --rounds 6 --strategies fedavg --variants earlier-polling \
+		--out $(PERF)/overhead-earlier.json
 	$(BIN)/python bench/bench_overhead.py --rounds 4 --steps 300 --strategies fedavg \
 		--variants deployed in-process --out $(PERF)/overhead-300-steps.json
 	$(BIN)/python bench/bench_wire.py --out $(PERF)/wire.json
