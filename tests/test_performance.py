@@ -161,10 +161,10 @@ def test_replies_are_pulled_on_a_doubling_schedule_up_to_poll_max(monkeypatch):
 def test_executor_poll_interval_reaches_flower_processes(tmp_path):
     from server.launcher import SUPEREXEC_POLL_ENV, LocalFederation
 
-    with LocalFederation(compose(SMALL), tmp_path) as federation:
+    fast = compose([*SMALL, "federation.superexec_poll=0.1"])
+    with LocalFederation(fast, tmp_path) as federation:
         assert federation.procs.env[SUPEREXEC_POLL_ENV] == "0.1"
-    stock = compose([*SMALL, "federation.superexec_poll=null"])
-    with LocalFederation(stock, tmp_path) as federation:
+    with LocalFederation(compose(SMALL), tmp_path) as federation:  # default: Flower's own
         assert SUPEREXEC_POLL_ENV not in federation.procs.env
 
 
