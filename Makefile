@@ -85,12 +85,10 @@ bench: install data
 		--variants deployed flower-polling flower-stock in-process --out $(PERF)/overhead.json
 	$(BIN)/python bench/bench_overhead.py --rounds 6 --strategies fedavg --variants earlier-polling \
 		--out $(PERF)/overhead-earlier.json
-	$(BIN)/python bench/bench_overhead.py --rounds 4 --steps 300 --strategies fedavg \
-		--variants deployed in-process --out $(PERF)/overhead-300-steps.json
 	$(BIN)/python bench/bench_wire.py --out $(PERF)/wire.json
 	$(BIN)/python bench/bench_merge.py --silos 10 --params 11_000_000 --out $(PERF)/merge.json
 	$(BIN)/python bench/bench_startup.py --out $(PERF)/startup.json
-	$(BIN)/python bench/bench_scale.py --engine simulation --silos 8 100 1000 \
+	$(BIN)/python bench/bench_scale.py --engine simulation --silos 100 1000 \
 		--out $(PERF)/scale.json --plot $(PERF)/scale.png
 	$(BIN)/python bench/bench_scale.py --engine deployment --silos 4 12 24 52 \
 		--out $(PERF)/scale.json --plot $(PERF)/scale.png
