@@ -26,7 +26,7 @@ help:
 	@echo "make data       build/verify the offline Digits-5 cache;  make montage  picture of the domains"
 	@echo "make grid       targets x methods x seeds, resumable: PRESET=smoke (minutes) or full"
 	@echo "make results    regenerate docs/results*.md/.csv/.png from the run folders in results/"
-	@echo "make bench      the performance benchmarks into docs/perf/ (about 40 minutes; docs/performance.md)"
+	@echo "make bench      the performance benchmarks into docs/perf/ (about an hour; docs/performance.md)"
 	@echo "make lint       ruff check + format check"
 	@echo "make compose-build / compose-up / compose-run ARGS=... / compose-logs / compose-down"
 	@echo "                the one-host container federation (TLS=1: with TLS + node auth)"

@@ -126,6 +126,7 @@ def run_step(engine: str, shards: int, args: argparse.Namespace, root: Path) -> 
         "peak_process_mib": {k: round(v / MIB) for k, v in sampler.peak_by_kind.items()},
         "peak_processes": sampler.peak_count,
         "out_of_memory": sampler.out_of_memory,
+        "time": time.ctime(),
     }
     metrics = run_dir / "metrics.jsonl"
     lines = [json.loads(r) for r in metrics.read_text().splitlines()] if metrics.exists() else []
@@ -194,28 +195,35 @@ def main() -> None:
     )
     parser.add_argument("--sample-every", type=float, default=2.0)
     parser.add_argument("--min-free-gib", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, help="JSON file: steps of earlier calls are kept")
+    parser.add_argument("--out", type=Path, help="JSON file, updated after every step")
     parser.add_argument("--plot", type=Path, help="plot of every engine in --out")
     args = parser.parse_args()  # fmt: skip
-    saved = json.loads(args.out.read_text())["runs"] if args.out and args.out.exists() else []
     results = []
     with tempfile.TemporaryDirectory(prefix="fedalign-scale-") as tmp:
         for sources in args.silos:
             result = run_step(args.engine, math.ceil(sources / 4), args, Path(tmp))
             results.append(result)
+            if args.out:
+                save(args, result)
             if not result["completed"]:
                 break
     done = [r["silos"] for r in results if r["completed"]]
     print(f"largest {args.engine} federation that completed {args.rounds} rounds: "
           f"{max(done) if done else 0} silos")  # fmt: skip
-    if args.out:
-        keep = [r for r in saved if r["engine"] != args.engine]
-        runs = keep + results
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"cpus": os.cpu_count(), "time": time.ctime(), "rounds": args.rounds}
-        args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
-        if args.plot:
-            plot(runs, args.plot)
+
+
+def save(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Add ``result`` to ``--out`` (replacing an earlier step of the same engine and size) and
+    redraw ``--plot``: a stopped scan keeps the steps it finished."""
+    saved = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
+    key = (result["engine"], result["silos"])
+    runs = [r for r in saved if (r["engine"], r["silos"]) != key] + [result]
+    runs.sort(key=lambda r: (r["engine"], r["silos"]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"cpus": os.cpu_count(), "rounds": args.rounds}
+    args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
+    if args.plot:
+        plot(runs, args.plot)
 
 
 if __name__ == "__main__":
