@@ -39,14 +39,12 @@ def setup(message: Message, context: Context) -> tuple[SiloIdentity, dict[str, A
     """This silo's identity, the message's config, and the silo's own data."""
     silo = identify(context)
     cfg = dict(message.content[CONFIG]) if CONFIG in message.content else {}
-    if "torch" not in sys.modules:  # the first message of this process pays for it
-        started = time.time()
-        import torch
+    fresh, started = "torch" not in sys.modules, time.time()
+    import torch
 
+    if fresh:  # the first message of this process paid for it
         _IMPORT_SECONDS[0] = time.time() - started
     if silo.threads > 0:
-        import torch
-
         torch.set_num_threads(silo.threads)
     data = load_data(
         silo.data_source or str(cfg.get("data-source", "digits5")),
