@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from client.silo import SiloIdentity, identify
 from fedalign.config import ConfigError, parse_shard
 from fedalign.data import DomainSplit, get_source
-from strategies.utils import CONFIG, from_record, to_config
+from strategies.utils import CONFIG, METRICS, from_record, to_config
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,8 +118,6 @@ def timed(reply: Message, entered: float) -> Message:
     """Add ``handler-seconds`` to the reply's metrics (how long the silo worked), and for a
     process's first message ``start-seconds`` (process start to handler) and
     ``import-seconds`` (the part of the handler spent importing torch)."""
-    from strategies.utils import METRICS
-
     first, _FIRST_MESSAGE[0] = _FIRST_MESSAGE[0], False
     if reply.has_error() or METRICS not in reply.content.metric_records:
         return reply
