@@ -8,8 +8,11 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+SET_TOKEN_ENV = "FEDALIGN_PROCESS_SET"
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -57,6 +60,23 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def carrying(name: str, value: str) -> list[int]:
+    """Live processes whose environment holds ``name=value`` (inherited by every descendant,
+    even one that was reparented after its parent exited)."""
+    wanted = f"{name}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if wanted in environ.split(b"\0") and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
 def pid_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -87,11 +107,20 @@ class ManagedProcess:
 
 @dataclass
 class ProcessSet:
-    """Processes started in their own sessions; ``stop()`` ends them and every descendant."""
+    """Processes started in their own sessions; ``stop()`` ends them and every descendant.
+
+    Every process gets ``FEDALIGN_PROCESS_SET=<token>`` in its environment, so a descendant
+    that outlived its parent (Ray's helpers in a simulation, an executor's child) is still
+    found through ``/proc`` and stopped.
+    """
 
     env: dict[str, str]
     processes: list[ManagedProcess] = field(default_factory=list)
     seen_pids: set[int] = field(default_factory=set)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        self.env = {**self.env, SET_TOKEN_ENV: self.token}
 
     def start(
         self,
@@ -109,7 +138,7 @@ class ProcessSet:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=self.env if env is None else env,
+                env=self.env if env is None else {**env, SET_TOKEN_ENV: self.token},
                 cwd=cwd,
                 start_new_session=True,
             )
@@ -122,6 +151,7 @@ class ProcessSet:
         for proc in self.processes:
             self.seen_pids.add(proc.popen.pid)
             self.seen_pids.update(descendants(proc.popen.pid))
+        self.seen_pids.update(carrying(SET_TOKEN_ENV, self.token))
         return set(self.seen_pids)
 
     def stop(self, grace: float = 10.0) -> list[int]:
@@ -137,7 +167,12 @@ class ProcessSet:
         while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
             for proc in self.processes:
                 proc.popen.poll()
+            for pid in self.snapshot() - pids:  # started while the others were stopping
+                pids.add(pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
             time.sleep(0.1)
+        pids = self.snapshot()
         for pid in pids:
             if pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -145,4 +180,7 @@ class ProcessSet:
         for proc in self.processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=5)
+        deadline = time.monotonic() + 5  # a killed process takes a moment to be gone
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+            time.sleep(0.05)
         return [pid for pid in pids if pid_alive(pid)]
