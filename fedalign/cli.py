@@ -10,7 +10,8 @@
                                             write docs/results*.md, .csv and .png
     fedalign results PRESET [--root DIR]    regenerate those files from the run folders
     fedalign certs DIR [--san A] [--silo S] a CA, SuperLink certificate and silo keys for TLS
-                                            and SuperNode authentication (docs/security.md)
+                   [hydra overrides]        and SuperNode authentication (docs/security.md);
+                                            keys for every silo of the config by default
     fedalign submit --superlink HOST:PORT [--root-certificates CA] [hydra overrides]
                                             run the app on a SuperLink that is already up (a
                                             compose or multi-machine federation: docker/)
@@ -37,7 +38,7 @@ from typing import Any
 
 from fedalign.config import CONF_DIR, ConfigError, compose, silos, validate
 from fedalign.errors import FedalignError
-from fedalign.runlog import MAX_SILO_LINES
+from fedalign.runlog import MAX_SILO_LINES, mean_and_range, source_accuracies
 
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 HYDRA_FLAGS_WITH_VALUE = {
@@ -126,10 +127,11 @@ def print_results(run_dir: Path, console: Any) -> None:
     for col in ["round", f"{target} (target)", *columns, "seconds", "MB sent", "MB recv"]:
         table.add_column(col, justify="right")
     for line in lines:
-        accs = [line["silos"].get(d, {}).get("test-accuracy") for d in others]
         if many:
-            known = [a for a in accs if a is not None]
-            accs = [sum(known) / len(known) if known else None]
+            known = source_accuracies(line, others)
+            accs = [mean_and_range(known)[0] if known else None]
+        else:
+            accs = [line["silos"].get(d, {}).get("test-accuracy") for d in others]
         table.add_row(
             str(line["round"]),
             _pct(line["target_accuracy"]),
@@ -287,13 +289,19 @@ def certs_command(argv: list[str]) -> None:
     parser.add_argument(
         "--silo",
         action="append",
-        help="a silo (domain) to make a key for (repeat). Default: the config's data.domains",
+        help="a silo to make a key for (repeat). Default: every silo of the config, "
+        "after the overrides (data.domains, one per shard with data.shards)",
     )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.shards=3")
     args = parser.parse_args(argv)
     from server.certs import DEFAULT_SANS, make_certificates
 
-    silos = args.silo or list(compose([]).data.domains)
-    paths = make_certificates(args.out, silos, args.san or DEFAULT_SANS)
+    names = args.silo
+    if not names:
+        cfg = compose(args.overrides)
+        validate(cfg)
+        names = [silo.domain for silo in silos(cfg)]
+    paths = make_certificates(args.out, names, args.san or DEFAULT_SANS)
     print(f"CA: {paths['ca']} (give to every silo); keep {paths['ca_key']} private")
     print(
         f"SuperLink: {paths['cert']}, {paths['key']} (SANs: {', '.join(args.san or DEFAULT_SANS)})"

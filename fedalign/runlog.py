@@ -49,6 +49,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def source_accuracies(line: dict[str, Any], sources: list[str]) -> list[float]:
+    """The own test accuracy of each of ``sources`` that reported one in a metrics line."""
+    return [
+        line["silos"][d]["test-accuracy"]
+        for d in sources
+        if "test-accuracy" in line["silos"].get(d, {})
+    ]
+
+
+def mean_and_range(values: list[float]) -> tuple[float, float, float]:
+    """Mean, minimum and maximum of a non-empty list (many silos shown as one band)."""
+    return sum(values) / len(values), min(values), max(values)
+
+
 class RunRecorder:
     """Collects per-round metrics as replies arrive and writes them to the run folder.
 
@@ -137,9 +151,8 @@ class RunRecorder:
         if len(others) <= MAX_SILO_LINES:
             detail = ", ".join(f"{d} {a:.3f}" for d, a in sorted(others.items()))
         else:
-            values = list(others.values())
-            detail = f"{len(values)} sources: mean {sum(values) / len(values):.3f}, range "
-            detail += f"{min(values):.3f}-{max(values):.3f}"
+            mean, low, high = mean_and_range(list(others.values()))
+            detail = f"{len(others)} sources: mean {mean:.3f}, range {low:.3f}-{high:.3f}"
         log.info(
             "round %d: target %s accuracy %s | %s",
             rnd,
@@ -151,15 +164,11 @@ class RunRecorder:
 
     def _plot_source_range(self, ax: Any, sources: list[str]) -> None:
         """Mean and min-max band of the sources' own test accuracy, per round."""
-        rows = []
-        for line in self.lines:
-            accs = [
-                line["silos"][d]["test-accuracy"]
-                for d in sources
-                if "test-accuracy" in line["silos"].get(d, {})
-            ]
-            if accs:
-                rows.append((line["round"], sum(accs) / len(accs), min(accs), max(accs)))
+        rows = [
+            (line["round"], *mean_and_range(accs))
+            for line in self.lines
+            if (accs := source_accuracies(line, sources))
+        ]
         if rows:
             rounds, mean, low, high = zip(*rows, strict=True)
             ax.fill_between(rounds, low, high, alpha=0.2, label=f"{len(sources)} sources: range")

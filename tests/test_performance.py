@@ -168,16 +168,28 @@ def test_executor_poll_interval_reaches_flower_processes(tmp_path):
         assert SUPEREXEC_POLL_ENV not in federation.procs.env
 
 
-def test_plot_is_drawn_at_the_end_and_summarises_many_silos(tmp_path):
+def test_plot_log_and_table_summarise_many_silos(tmp_path, caplog):
+    from rich.console import Console
+
+    from fedalign.cli import print_results
+
     recorder = RunRecorder(tmp_path, {"name": "t"}, target="t")
-    for rnd in range(3):
-        for i in range(30):
-            recorder.silo(rnd, f"s.{i}", {"test-accuracy": 0.1 * rnd + i / 300})
-        recorder.silo(rnd, "t", {"test-accuracy": 0.2 * rnd})
-        recorder.complete(rnd)
+    with caplog.at_level("INFO", logger="fedalign"):
+        for rnd in range(3):
+            for i in range(30):
+                recorder.silo(rnd, f"s.{i}", {"test-accuracy": 0.1 * rnd + i / 300})
+            recorder.silo(rnd, "t", {"test-accuracy": 0.2 * rnd})
+            recorder.complete(rnd)
+    assert "30 sources: mean 0.248, range 0.200-0.297" in caplog.text  # round 2
+    assert "s.1 " not in caplog.text
     assert not (tmp_path / "accuracy.png").exists()
     recorder.finish("completed")
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    console = Console(record=True, width=200)
+    print_results(tmp_path, console)
+    table = console.export_text()
+    assert "mean of 30 sources" in table and "s.1" not in table
+    assert "24.8" in table  # round 2's mean, in percent
 
 
 class SlowGrid:

@@ -42,6 +42,19 @@ def test_certs_folder_has_a_ca_a_superlink_certificate_and_silo_keys(tmp_path):
     assert (tmp_path / "silos" / "syn.pub").is_file()
 
 
+def test_certs_command_makes_a_key_for_every_silo_of_the_config(tmp_path, capsys):
+    from fedalign.cli import main
+
+    main(["certs", str(tmp_path / "a"), "data.domains=[mnist,usps,mnistm]", "data.shards=2"])
+    keys = sorted(p.name for p in (tmp_path / "a" / "silos").glob("*.pub"))
+    assert keys == ["mnist.0.pub", "mnist.1.pub", "mnistm.pub", "usps.0.pub", "usps.1.pub"]
+    with pytest.raises(SystemExit) as exited:
+        main(["certs", str(tmp_path / "b"), "data.shards=0"])
+    assert exited.value.code != 0
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    assert not (tmp_path / "b").exists()  # nothing written for a config that does not hold
+
+
 def test_missing_or_foreign_certificates_get_one_line(tmp_path):
     make_certificates(tmp_path / "a", ["mnist"])
     with pytest.raises(CertificateError, match=r"missing .*silos/usps\.pub; create them with"):
