@@ -17,7 +17,7 @@ from tests.topology import DOCKER, REPO, Topology, compose_config
 
 SILOS = {"mnist": "source", "syn": "source", "usps": "source", "svhn": "source", "mnistm": "target"}
 # A short run: every service and flag is exercised, the learning itself is not the point here.
-SHORT = ("rounds=2", "train.local_steps=5", "wandb.mode=disabled")
+SHORT = ("rounds=1", "train.local_steps=5", "wandb.mode=disabled")
 
 needs_compose = pytest.mark.skipif(
     shutil.which("docker-compose") is None and not os.environ.get("CI"),
@@ -159,7 +159,7 @@ def test_one_host_compose_federation_runs(overlay, tmp_path):
         leftovers = topology.close()
     assert leftovers == [], "every process of the topology must end"
     summary = finished_run(volumes / "outputs")
-    assert summary["target"] == "mnistm" and summary["rounds_completed"] == 2
+    assert summary["target"] == "mnistm" and summary["rounds_completed"] == 1
     # Each silo's data reached only its own executor: one folder per silo, nothing else there.
     assert sorted(p.name for p in (volumes / "data").iterdir()) == sorted(SILOS)
     for domain in SILOS:

@@ -216,17 +216,20 @@ def test_multirun_sweep_runs_one_federation_per_job(digits_cache, tmp_path):
     assert marked_pids(marker) == []
 
 
-def test_fedka_deployment_and_its_boundary_audit(digits_cache, tmp_path):
-    """A real FedKA run; the audit of every message crossing the SuperLink holds only model
-    weights, 64 target embeddings of 800 features, and named scalars."""
+def test_fedka_fisher_deployment_and_its_boundary_audit(digits_cache, tmp_path):
+    """A real FedKA run whose sources are merged by their float16 Fishers. The audit of every
+    message crossing the SuperLink holds only model weights, the sources' Fishers, 64 target
+    embeddings of 800 features, and named scalars."""
     marker = uuid.uuid4().hex
     args = overrides(
         digits_cache,
         tmp_path,
-        "strategy=fedka",
+        "strategy=fedka_fisher",
         "strategy.embed_samples=64",
         "strategy.vote_samples=256",
         "strategy.finetune_steps=8",
+        "strategy.fisher.samples=64",
+        "strategy.fisher.transport=float16",
         "wandb.mode=disabled",
     )
     done = run_cli(["run", *args], marker)
@@ -236,9 +239,13 @@ def test_fedka_deployment_and_its_boundary_audit(digits_cache, tmp_path):
     assert [row["round"] for row in lines] == [0, 1, 2]
     assert all(isinstance(row["vote_agreement"], float) for row in lines[1:])
     assert all(isinstance(row["mmd"], float) for row in lines[1:])
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["final_target_accuracy"] > summary["initial_target_accuracy"] + 0.1
     from fedalign.models import build_model, get_weights
 
-    model = {k: list(v.shape) for k, v in get_weights(build_model("digit_cnn")).items()}
+    model = build_model("digit_cnn")
+    weights = {k: list(v.shape) for k, v in get_weights(model).items()}
+    params = {n: list(p.shape) for n, p in model.named_parameters()}
     audit = [json.loads(row) for row in (folder / "boundary.jsonl").read_text().splitlines()]
     types = {(row["direction"], row["type"]) for row in audit}
     assert ("sent", "train.vote") in types and ("received", "query.embed") in types
@@ -247,38 +254,17 @@ def test_fedka_deployment_and_its_boundary_audit(digits_cache, tmp_path):
             shapes = {key: shape for key, (_, shape) in arrays.items()}
             if name == "embeddings":
                 assert shapes == {"embeddings": [64, 800]}, row
+            elif name == "fisher":
+                assert shapes == params, row
+                assert {dtype for dtype, _ in arrays.values()} == {"float16"}, row
+            elif name == "fisher-scale":
+                assert set(arrays) == set(params), row
             else:
                 assert name == "arrays" or name.startswith("model."), row
-                assert shapes == model, row
-        if row["direction"] == "received" and row["silo"] != "mnistm":
-            assert set(row.get("arrays", {})) <= {"arrays"}, row  # sources send weights only
-    assert marked_pids(marker) == []
-
-
-def test_fisher_merge_deployment_with_float16_fishers(digits_cache, tmp_path):
-    marker = uuid.uuid4().hex
-    args = overrides(
-        digits_cache,
-        tmp_path,
-        "strategy=fisher",
-        "strategy.fisher.samples=64",
-        "strategy.fisher.transport=float16",
-        "wandb.mode=disabled",
-    )
-    done = run_cli(["run", *args], marker)
-    assert done.returncode == 0, done.stderr[-2000:]
-    folder = run_folder(done.stdout)
-    summary = json.loads((folder / "summary.json").read_text())
-    assert summary["final_target_accuracy"] > summary["initial_target_accuracy"] + 0.1
-    from fedalign.models import build_model
-
-    params = {n: list(p.shape) for n, p in build_model("digit_cnn").named_parameters()}
-    audit = [json.loads(row) for row in (folder / "boundary.jsonl").read_text().splitlines()]
-    replies = [r for r in audit if r["direction"] == "received" and r["type"] == "train"]
-    assert len(replies) == 4  # 2 sources x 2 rounds
-    for row in replies:
-        fisher = row["arrays"]["fisher"]
-        assert {k: shape for k, (_, shape) in fisher.items()} == params
-        assert {dtype for dtype, _ in fisher.values()} == {"float16"}
-        assert set(row["arrays"]["fisher-scale"]) == set(params)
+                assert shapes == weights, row
+    replies = [r for r in audit if r["direction"] == "received" and r["silo"] != "mnistm"]
+    trained = [r for r in replies if r["type"] == "train"]
+    assert len(trained) == 4  # 2 sources x 2 rounds, each with its Fisher
+    assert all(set(r["arrays"]) == {"arrays", "fisher", "fisher-scale"} for r in trained)
+    assert all(set(r.get("arrays", {})) <= {"arrays", "fisher", "fisher-scale"} for r in replies)
     assert marked_pids(marker) == []
