@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 PYTEST_ARGS ?=
 # pytest-xdist workers: the end-to-end tests mostly wait on Flower's polling.
-PYTEST_JOBS ?= 2
+PYTEST_JOBS ?= 3
 
 .PHONY: help install system-deps run simulate test test-fast lint format data montage grid results clean bench \
 	compose-check compose-build compose-up compose-run compose-logs compose-down

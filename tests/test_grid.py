@@ -51,7 +51,7 @@ def test_smoke_grid_runs_resumes_and_tabulates(tmp_path, digits_cache):
     assert (tmp_path / "docs" / "results-smoke.png").stat().st_size > 1000
 
     # An interrupted cell (no completed summary) is run again; finished ones are skipped.
-    broken = tmp_path / "results" / "smoke" / "usps" / "fedka" / "seed0" / "summary.json"
+    broken = tmp_path / "results" / "smoke" / "usps" / "fedavg" / "seed0" / "summary.json"
     broken.write_text(json.dumps({"status": "failed"}))
     kept = tmp_path / "results" / "smoke" / "mnistm" / "fedavg" / "seed0" / "summary.json"
     before = kept.stat().st_mtime_ns

@@ -84,6 +84,7 @@ def test_mlp_learns_a_feature_silo(tmp_path):
     from fedalign.train import TrainConfig, train_local
 
     split = get_source("npz", cache_dir=feature_file(tmp_path / "f" / "x.npz")).load("x")
+    torch.manual_seed(0)  # the initial weights, whatever ran before in this worker
     model = build_model("mlp", num_classes=4, in_channels=16)
     assert model.features(to_input(split.x_test, torch.device("cpu"))).shape[1] == 128
     before = evaluate(model, split.x_test, split.y_test, torch.device("cpu"), 64)["test-accuracy"]
