@@ -14,12 +14,6 @@ from server.processes import port_in_use
 SMALL_DOMAINS = ("mnist", "usps", "mnistm")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The end-to-end tests (minutes each) first, so xdist's workers end together instead of
-    one finishing a long federation alone after the quick tests are done."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
-
-
 @pytest.fixture(scope="session")
 def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder holding the domains the federation tests use (built once)."""
