@@ -4,9 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 PYTEST_ARGS ?=
-# pytest-xdist workers: the end-to-end tests mostly wait on Flower's polling (2 workers kept
-# 2 cores 59 % busy; 3 finished the suite 8 % sooner).
-PYTEST_JOBS ?= 3
+# pytest-xdist workers: the end-to-end tests mostly wait on Flower's polling. 3 workers were
+# measured too: 14.3 and 16.7 min against 15.6 min for 2, and CPU-bound tests slowed sharply.
+PYTEST_JOBS ?= 2
 
 .PHONY: help install system-deps run simulate test test-fast lint format data montage grid results clean bench \
 	compose-check compose-build compose-up compose-run compose-logs compose-down
@@ -22,7 +22,7 @@ COMPOSE  = FEDALIGN_UID=$$(id -u) FEDALIGN_GID=$$(id -g) $(DOCKER_COMPOSE) -p fe
 help:
 	@echo "make run        real local federation (SuperLink + one SuperNode per silo), ARGS='key=value ...'"
 	@echo "make simulate   the same config in Flower's simulation engine"
-	@echo "make test       the full test suite (about 17 minutes on 2 cores)"
+	@echo "make test       the full test suite (about 16 minutes on 2 cores)"
 	@echo "make test-fast  the suite without the end-to-end process tests"
 	@echo "make data       build/verify the offline Digits-5 cache;  make montage  picture of the domains"
 	@echo "make grid       targets x methods x seeds, resumable: PRESET=smoke (minutes) or full"

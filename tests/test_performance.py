@@ -168,23 +168,31 @@ def test_executor_poll_interval_reaches_flower_processes(tmp_path):
         assert SUPEREXEC_POLL_ENV not in federation.procs.env
 
 
-def test_plot_log_and_table_summarise_many_silos(tmp_path, caplog):
+def test_plot_log_and_table_summarise_many_silos(tmp_path, caplog, monkeypatch):
     from rich.console import Console
 
+    from fedalign import runlog
     from fedalign.cli import print_results
 
+    clock = [0.0]  # the recorder's clock: rounds 10 s apart, without waiting for them
+    monkeypatch.setattr(runlog.time, "perf_counter", lambda: clock[0])
     recorder = RunRecorder(tmp_path, {"name": "t"}, target="t")
+    plot = tmp_path / "accuracy.png"
+    drawn = []
     with caplog.at_level("INFO", logger="fedalign"):
-        for rnd in range(3):
+        for rnd in range(4):
+            clock[0] = 10.0 * rnd
             for i in range(30):
                 recorder.silo(rnd, f"s.{i}", {"test-accuracy": 0.1 * rnd + i / 300})
             recorder.silo(rnd, "t", {"test-accuracy": 0.2 * rnd})
             recorder.complete(rnd)
+            drawn.append(plot.exists())
+    assert drawn == [False, False, False, True]  # redrawn once 30 s have passed, not per round
     assert "30 sources: mean 0.248, range 0.200-0.297" in caplog.text  # round 2
     assert "s.1 " not in caplog.text
-    assert not (tmp_path / "accuracy.png").exists()
+    plot.unlink()
     recorder.finish("completed")
-    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    assert plot.stat().st_size > 1000  # and at the end
     console = Console(record=True, width=200)
     print_results(tmp_path, console)
     table = console.export_text()

@@ -70,7 +70,6 @@ def test_rounds_improve_target_and_write_metrics(tmp_path, digits_cache):
     )
     assert lines[1]["bytes_sent"] > 0 and lines[1]["bytes_received"] > 0
     assert metered.bytes_sent == sum(row["bytes_sent"] for row in lines) + metered.discovery_bytes
-    assert not (tmp_path / "run" / "accuracy.png").exists()  # drawn at most every 30 s
     recorder.finish("completed")
     assert (tmp_path / "run" / "accuracy.png").stat().st_size > 1000
 
