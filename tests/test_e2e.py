@@ -19,7 +19,7 @@ import pytest
 
 from fedalign.config import compose, validate
 from server.launcher import LaunchError, LocalFederation, launch
-from server.processes import pid_alive
+from server.processes import carrying, pid_alive
 from tests.conftest import free_ports, port_overrides
 
 pytestmark = pytest.mark.e2e
@@ -42,16 +42,7 @@ def overrides(cache: Path, out: Path, *extra: str, simulation: bool = False) -> 
 
 def marked_pids(marker: str) -> list[int]:
     """Live processes whose environment carries ``marker``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                environ = Path(f"/proc/{entry}/environ").read_bytes()
-            except OSError:
-                continue
-            if marker.encode() in environ and pid_alive(int(entry)):
-                found.append(int(entry))
-    return found
+    return carrying("FEDALIGN_TEST_MARK", marker)
 
 
 def run_cli(args: list[str], marker: str, timeout: float = 400) -> subprocess.CompletedProcess:

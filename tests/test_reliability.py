@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from fedalign.config import compose, silos, validate
 from server.launcher import LocalFederation
-from server.processes import descendants
+from server.processes import carrying, descendants
 from tests.conftest import free_ports, port_overrides
 
 pytestmark = pytest.mark.e2e
@@ -85,16 +85,13 @@ def test_source_killed_mid_round_is_dropped_and_rejoins(digits_cache, tmp_path):
 def server_pids(marker: str, name: str) -> list[int]:
     """Live processes of this test (their environment carries ``marker``) running ``name``."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in carrying("FEDALIGN_TEST_MARK", marker):
         try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if marker.encode() in environ and name.encode() in cmdline:
-            found.append(int(entry))
+        if name.encode() in cmdline:
+            found.append(pid)
     return found
 
 
