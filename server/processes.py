@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,18 +34,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _parent_map() -> dict[int, int]:
-    parents = {}
+def _each_process(filename: str) -> Iterator[tuple[int, bytes]]:
+    """``(pid, content of /proc/<pid>/<filename>)`` for every process that can be read."""
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # Field 4 is the parent PID; the command name (field 2) may contain spaces.
-        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return parents
+        if entry.isdigit():
+            try:
+                yield int(entry), Path(f"/proc/{entry}/{filename}").read_bytes()
+            except OSError:
+                continue
+
+
+def _parent_map() -> dict[int, int]:
+    # Field 4 of stat is the parent PID; the command name (field 2) may contain spaces.
+    return {pid: int(stat.rsplit(b")", 1)[1].split()[1]) for pid, stat in _each_process("stat")}
 
 
 def descendants(pid: int) -> list[int]:
@@ -64,17 +66,11 @@ def carrying(name: str, value: str) -> list[int]:
     """Live processes whose environment holds ``name=value`` (inherited by every descendant,
     even one that was reparented after its parent exited)."""
     wanted = f"{name}={value}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:
-            continue
-        if wanted in environ.split(b"\0") and pid_alive(int(entry)):
-            found.append(int(entry))
-    return found
+    return [
+        pid
+        for pid, environ in _each_process("environ")
+        if wanted in environ.split(b"\0") and pid_alive(pid)
+    ]
 
 
 def pid_alive(pid: int) -> bool:
