@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from fedalign.align import mk_mmd
+from fedalign.classalign import ClassStatistics, class_alignment_loss
+from fedalign.disentangle import domain_adversarial_loss
 
 log = logging.getLogger("fedalign.train")
 
@@ -79,6 +81,30 @@ class Alignment:
     kernel_num: int = 5
 
 
+@dataclass(frozen=True)
+class Adversary:
+    """FedKA's features disentangler: ``weight * domain_adversarial_loss`` with a reversal scale.
+
+    The ``discriminator`` (and its ``optimizer``) belong to the source silo and never leave it;
+    ``embeddings`` are the target silo's (M, D) features, the discriminator's "target" class.
+    """
+
+    discriminator: nn.Module
+    optimizer: torch.optim.Optimizer
+    embeddings: np.ndarray
+    weight: float
+    reversal: float
+
+
+@dataclass(frozen=True)
+class ClassAlignment:
+    """Class-aware alignment: ``weight * class_alignment_loss`` against the target's
+    class-conditional statistics (``fedalign.classalign``)."""
+
+    stats: ClassStatistics
+    weight: float
+
+
 def train_local(
     model: nn.Module,
     x: np.ndarray,
@@ -90,15 +116,22 @@ def train_local(
     optimizer: torch.optim.Optimizer | None = None,
     loss_scale: float = 1.0,
     proximal_mu: float = 0.0,
+    adversary: Adversary | None = None,
+    class_align: ClassAlignment | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.local_steps`` mini-batches.
 
     Loss per step: ``loss_scale * cross-entropy`` plus, with ``align``,
     ``align.weight * mk_mmd(features of the batch, a random batch of target embeddings)``,
+    plus, with ``adversary``, ``adversary.weight * domain_adversarial_loss`` on the same batch
+    of embeddings (the discriminator steps with the model), plus, with ``class_align``,
+    ``class_align.weight * class_alignment_loss(features, labels)``,
     plus, with ``proximal_mu > 0`` (FedProx), ``mu / 2 * ||w - w_start||^2`` over the
     parameters, where ``w_start`` are the weights the round started from.
     Pass ``optimizer`` to continue its state across rounds (else a fresh one is made).
-    Returns mean training loss, accuracy and MMD over the steps, and the wall seconds.
+    Returns mean training loss and accuracy, the mean of each extra term (``mmd``,
+    ``domain-loss`` with the discriminator's ``domain-accuracy``, ``class-align-loss``) over the
+    steps, and the wall seconds.
     """
     if len(x) < 2:
         raise ValueError(f"{tag or 'silo'}: too few training samples ({len(x)})")
@@ -106,11 +139,14 @@ def train_local(
     model.to(device).train()
     optimizer = optimizer or make_optimizer(model, cfg)
     inputs, labels = to_input(x, device), torch.from_numpy(y).to(device)
-    anchors = None if align is None else torch.from_numpy(align.embeddings).to(device)
+    source = align.embeddings if align is not None else getattr(adversary, "embeddings", None)
+    anchors = None if source is None else torch.from_numpy(source).to(device)
+    if adversary is not None:
+        adversary.discriminator.to(device).train()
     start_weights = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     anchor_rng = np.random.default_rng(cfg.seed + 1)
     batch_size = min(cfg.batch_size, len(x))
-    sums = {"loss": 0.0, "correct": 0.0, "mmd": 0.0}
+    sums = {"loss": 0.0, "correct": 0.0, "mmd": 0.0, "domain": 0.0, "domain-acc": 0.0, "cls": 0.0}
     seen, start = 0, time.perf_counter()
     for step, idx in enumerate(batch_indices(len(x), batch_size, cfg.local_steps, cfg.seed), 1):
         index = torch.from_numpy(idx).to(device)
@@ -119,14 +155,22 @@ def train_local(
         loss = loss_scale * nn.functional.cross_entropy(logits, labels[index])
         if anchors is not None:
             pick = anchor_rng.choice(len(anchors), min(len(idx), len(anchors)), replace=False)
-            mmd = mk_mmd(
-                features,
-                anchors[torch.from_numpy(pick).to(device)],
-                align.kernel_mul,
-                align.kernel_num,
-            )
+            batch_anchors = anchors[torch.from_numpy(pick).to(device)]
+        if align is not None:
+            mmd = mk_mmd(features, batch_anchors, align.kernel_mul, align.kernel_num)
             loss = loss + align.weight * mmd
             sums["mmd"] += mmd.item() * len(idx)
+        if adversary is not None:
+            domain = domain_adversarial_loss(
+                adversary.discriminator, features, batch_anchors, adversary.reversal
+            )
+            loss = loss + adversary.weight * domain.loss
+            sums["domain"] += domain.loss.item() * len(idx)
+            sums["domain-acc"] += domain.accuracy * len(idx)
+        if class_align is not None:
+            cls = class_alignment_loss(features, labels[index], class_align.stats)
+            loss = loss + class_align.weight * cls
+            sums["cls"] += cls.item() * len(idx)
         if start_weights:
             drift = sum(
                 (p - p0).square().sum()
@@ -136,8 +180,12 @@ def train_local(
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{tag or 'silo'}: training loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
+        if adversary is not None:
+            adversary.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if adversary is not None:
+            adversary.optimizer.step()
         sums["loss"] += loss.item() * len(idx)
         sums["correct"] += int((logits.argmax(1) == labels[index]).sum())
         seen += len(idx)
@@ -148,8 +196,15 @@ def train_local(
         "train-accuracy": sums["correct"] / max(seen, 1),
         "train-seconds": time.perf_counter() - start,
     }
-    if anchors is not None:
-        metrics["mmd"] = sums["mmd"] / max(seen, 1)
+    extras = {
+        "mmd": (align, "mmd"),
+        "domain-loss": (adversary, "domain"),
+        "domain-accuracy": (adversary, "domain-acc"),
+        "class-align-loss": (class_align, "cls"),
+    }
+    for name, (term, key) in extras.items():
+        if term is not None:
+            metrics[name] = sums[key] / max(seen, 1)
     return metrics
 
 
