@@ -30,6 +30,7 @@ Errors a user can fix print one line (``error: ...``) and exit non-zero.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -99,7 +100,39 @@ def prevalidate(args: list[str]) -> None:
             raise ConfigError(f"config: {str(exc).splitlines()[0]}") from exc
         jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     for job in jobs:
-        validate(compose(job))
+        cfg = compose(job)
+        validate(cfg)
+        key = "output.run_dir" if cfg.output.run_dir else "output.root"
+        check_writable(Path(cfg.output.run_dir or cfg.output.root), key)
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Fail in one line unless ``folder`` can be created and written; whatever this check
+    creates is removed again, so nothing is left when it fails.
+
+    Parameters
+    ----------
+    folder : Path
+        The run folder (``output.run_dir``) or the root that run folders go under.
+    key : str
+        The config key that chose ``folder`` (named in the error line).
+    """
+    import tempfile
+
+    created = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"output: cannot write to {folder} ({exc.strerror or type(exc).__name__}); "
+            f"set {key} to a folder this user can write"
+        ) from None
+    finally:
+        for path in created:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def ensure_data(cfg: Any, echo: Any) -> None:
@@ -131,11 +164,11 @@ def print_results(run_dir: Path, console: Any) -> None:
             known = source_accuracies(line, others)
             accs = [mean_and_range(known)[0] if known else None]
         else:
-            accs = [line["silos"].get(d, {}).get("test-accuracy") for d in others]
+            accs = [_silo_cell(line, d) for d in others]
         table.add_row(
             str(line["round"]),
             _pct(line["target_accuracy"]),
-            *(_pct(a) for a in accs),
+            *(a if isinstance(a, str) else _pct(a) for a in accs),
             f"{line['wall_seconds']:.1f}",
             f"{line['bytes_sent'] / 1e6:.2f}",
             f"{line['bytes_received'] / 1e6:.2f}",
@@ -150,24 +183,49 @@ def print_results(run_dir: Path, console: Any) -> None:
     console.print(f"run folder: {run_dir}")
 
 
+def _silo_cell(line: dict[str, Any], domain: str) -> float | str | None:
+    """A silo's test accuracy of round r's model, measured when round r+1 starts; else what
+    happened to it: ``dropped`` / ``absent`` in round r, or ``trained`` (it trained in round r
+    but left before it could evaluate the result)."""
+    metrics = line["silos"].get(domain, {})
+    if "test-accuracy" in metrics:
+        return float(metrics["test-accuracy"])
+    for status in ("dropped", "absent"):
+        if domain in line.get(status, []):
+            return status
+    return "trained" if "train-loss" in metrics else None
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def discard_unused(folder: Path) -> None:
+    """Remove a run folder Hydra made if nothing but Hydra's own ``.hydra/`` is in it."""
+    import shutil
+
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra"}:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _job(cfg: Any) -> float | None:
     """One Hydra job: validate, build data, run the federation, print the table."""
     from hydra.core.hydra_config import HydraConfig
 
+    from server.app import resume_config
     from server.launcher import launch, resumable_run
 
     console = _console()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_dir = run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate(cfg)
-        if cfg.resume or cfg.output.run_dir:
-            if run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()  # Hydra's fresh folder is not used
-            run_dir = resumable_run(cfg) if cfg.resume else Path(cfg.output.run_dir)
+        if cfg.resume:
+            run_dir = resumable_run(cfg)
+            cfg = resume_config(cfg, run_dir, list(HydraConfig.get().overrides.task))
+        elif cfg.output.run_dir:
+            run_dir = Path(cfg.output.run_dir)
+        if run_dir.resolve() != hydra_dir.resolve():
+            discard_unused(hydra_dir)  # Hydra's fresh folder is not used
         ensure_data(cfg, console.print)
         console.print(
             f"[bold]fedalign[/bold] {cfg.name}: {cfg.federation.mode}, "
@@ -175,6 +233,7 @@ def _job(cfg: Any) -> float | None:
         )
         summary = launch(cfg, run_dir, echo=console.print)
     except FedalignError as exc:
+        discard_unused(hydra_dir)  # a refused run leaves no folder
         fail(str(exc))
     print_results(run_dir, console)
     return summary["final_target_accuracy"]
@@ -283,8 +342,8 @@ def certs_command(argv: list[str]) -> None:
     parser.add_argument(
         "--san",
         action="append",
-        help="an address silos use to reach the SuperLink (IP or DNS name; repeat). "
-        "Default: 127.0.0.1, ::1, localhost",
+        help="an address silos use to reach the SuperLink (IP or DNS name; repeat); "
+        "127.0.0.1, ::1 and localhost are always included",
     )
     parser.add_argument(
         "--silo",
@@ -301,11 +360,12 @@ def certs_command(argv: list[str]) -> None:
         cfg = compose(args.overrides)
         validate(cfg)
         names = [silo.domain for silo in silos(cfg)]
-    paths = make_certificates(args.out, names, args.san or DEFAULT_SANS)
+    # The loopback names are always in: the same folder then serves a run on this machine and
+    # `fedalign submit` next to the SuperLink (docs/security.md).
+    sans = list(dict.fromkeys([*DEFAULT_SANS, *(args.san or [])]))
+    paths = make_certificates(args.out, names, sans)
     print(f"CA: {paths['ca']} (give to every silo); keep {paths['ca_key']} private")
-    print(
-        f"SuperLink: {paths['cert']}, {paths['key']} (SANs: {', '.join(args.san or DEFAULT_SANS)})"
-    )
+    print(f"SuperLink: {paths['cert']}, {paths['key']} (SANs: {', '.join(sans)})")
     print(f"silo keys: {args.out / 'silos'}/<silo> (private, one per silo) and <silo>.pub")
 
 

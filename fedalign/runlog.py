@@ -261,6 +261,7 @@ class RunRecorder:
         last5 = [a for _, a in accs[-5:]]
         best = max(accs, key=lambda ra: ra[1]) if accs else (None, None)
         initial = next((row["target_accuracy"] for row in self.lines if row["round"] == 0), None)
+        last = self.lines[-1] if self.lines else {}
         summary = {
             "status": status,
             "error": error,
@@ -275,6 +276,8 @@ class RunRecorder:
                 d: m.get("test-accuracy")
                 for d, m in (self.lines[-1]["silos"] if self.lines else {}).items()
             },
+            # silos that did not evaluate the final model (dropped or absent in the last round)
+            "silos_not_finished": sorted({*last.get("dropped", []), *last.get("absent", [])}),
             "wall_seconds": round(time.perf_counter() - self.start, 3),
             "bytes_sent": sum(row["bytes_sent"] for row in self.lines),
             "bytes_received": sum(row["bytes_received"] for row in self.lines),
@@ -285,6 +288,15 @@ class RunRecorder:
             self.tracker.summary.update({k: v for k, v in summary.items() if v is not None})
             self.tracker.finish(exit_code=0 if status == "completed" else 1)
         return summary
+
+
+def mark_summary(run_dir: Path, status: str, error: str | None) -> None:
+    """Set ``status`` and ``error`` of the run's summary.json (written if missing): the
+    launcher knows better than the ServerApp why a run ended (a crash, Ctrl-C)."""
+    path = Path(run_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary.update(status=status, error=error)
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
 
 
 def _flat_for_tracker(line: dict[str, Any]) -> dict[str, float]:

@@ -4,8 +4,11 @@ would leave it, and starts its SuperNode (docs/onboarding.md)."""
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedalign.cli import _console, fail
 
@@ -44,6 +47,12 @@ def silo_command(argv: list[str]) -> None:
         "--insecure", action="store_true", help="plaintext (only on a trusted network)"
     )
     join.add_argument("--port", type=int, default=9094, help="the SuperNode's own API port")
+    join.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to keep trying to reach the SuperLink before giving up (default: 60)",
+    )
     join.add_argument("--state-dir", type=Path, help="where the silo keeps state between rounds")
     join.add_argument(
         "--dry-run", action="store_true", help="print the command and a compose env file only"
@@ -66,6 +75,9 @@ def silo_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.action == "join":
         args.path, args.montage = args.data, None
+        check_address(args.superlink)
+        if args.connect_timeout <= 0:
+            fail(f"silo join: --connect-timeout must be > 0 (got {args.connect_timeout:g})", 2)
         _check_join_security(args)
     kind, domain = _silo_check(args)
     if args.action == "join":
@@ -120,6 +132,90 @@ def _silo_check(args: argparse.Namespace) -> tuple[str, str]:
     return kind, domain
 
 
+def check_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` split into host and port; one ``error:`` line (exit 2)
+    for anything else, before any check or process starts.
+
+    Parameters
+    ----------
+    address : str
+        The SuperLink's Fleet API address as the user typed it.
+
+    Returns
+    -------
+    tuple of (str, int)
+        The host (without brackets) and the port.
+    """
+    import ipaddress
+
+    found = re.fullmatch(r"\[([^\]\s]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", address)
+    problem = "it is not HOST:PORT or [IPv6]:PORT"
+    if found:
+        host, port = (found.group(1), found.group(2)) if found.group(1) else found.group(3, 4)
+        if found.group(1):
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                found, problem = None, f"{host} is not an IPv6 address"
+        if found and not 0 < int(port) < 65536:
+            found, problem = None, f"port {port} is outside 1-65535"
+    if not found:
+        fail(
+            f"silo join: --superlink {address!r}: {problem}; give the SuperLink's Fleet API "
+            "address, e.g. 10.0.0.5:9092 or [2001:db8::5]:9092",
+            2,
+        )
+    return host, int(port)
+
+
+# What Flower's last words on a failed connection mean, in order (the first match wins).
+CONNECT_FAILURES = (
+    (
+        ("CERTIFICATE_VERIFY_FAILED", "SSL", "handshake", "certificate"),
+        "TLS handshake failed",
+        "that --root-certificates is the federation's ca.crt and that the SuperLink's certificate "
+        "names this address (fedalign certs --san)",
+    ),
+    (
+        ("Connection refused",),
+        "connection refused",
+        "that the SuperLink is running and its Fleet API listens on this address and port",
+    ),
+    (
+        (
+            "No route to host",
+            "Network is unreachable",
+            "DNS resolution failed",
+            "Name or service",
+            "Deadline Exceeded",
+            "Timeout occurred",
+            "timed out",
+        ),
+        "no route to it",
+        "the address, this machine's network and any firewall between here and the SuperLink",
+    ),
+    (
+        ("2004", "2001", "Failed to activate", "must be registered"),
+        "this silo's key was refused",
+        "that this silo's public key was registered (fedalign register)",
+    ),
+)
+
+
+def connect_failure(address: str, timeout: float, output: list[str]) -> str:
+    """The one line for a SuperNode that gave up connecting, from its last output lines."""
+    start = max((i for i, line in enumerate(output) if "Exit Code" in line), default=0)
+    text = " ".join(output[start : start + 5])  # Flower's exit message, not other log lines
+    for needles, what, check in CONNECT_FAILURES:
+        if any(needle in text for needle in needles):
+            return (
+                f"silo join: could not connect to the SuperLink at {address} within "
+                f"{timeout:g}s ({what}); check {check}"
+            )
+    last = next((line.strip() for line in reversed(output) if line.strip()), "no output")
+    return f"silo join: the SuperNode for {address} exited: {last}"
+
+
 def _check_join_security(args: argparse.Namespace) -> None:
     """Secure by default: a CA certificate (and a key) unless --insecure says otherwise."""
     if args.insecure and (args.root_certificates or args.key):
@@ -133,7 +229,6 @@ def _check_join_security(args: argparse.Namespace) -> None:
 
 def _silo_join(args: argparse.Namespace, kind: str, domain: str) -> None:
     """Start this silo's SuperNode (TLS and its key unless --insecure), or print the command."""
-    import os
     import shlex
 
     from server.submit import flower_bin
@@ -159,6 +254,8 @@ def _silo_join(args: argparse.Namespace, kind: str, domain: str) -> None:
         "127.0.0.1",
         "--port",
         str(args.port),
+        "--max-wait-time",  # Flower's own deadline: it gives up and exits 305
+        f"{args.connect_timeout:g}",
     ]
     print("command: " + shlex.join(["flower-supernode", *argv[1:]]))
     if args.dry_run:
@@ -173,4 +270,51 @@ def _silo_join(args: argparse.Namespace, kind: str, domain: str) -> None:
     sys.stdout.flush()
     env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    os.execve(argv[0], argv, env)
+    code, output = _run_supernode(argv, env)
+    if code != 0:
+        fail(connect_failure(args.superlink, args.connect_timeout, output))
+
+
+def _run_supernode(argv: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run the SuperNode, echo its output, and stop it and every helper it spawned (also on
+    Ctrl-C); returns its exit code and its last output lines."""
+    import subprocess
+    import threading
+
+    from server.processes import ManagedProcess, ProcessSet
+    from server.submit import ANSI
+
+    procs = ProcessSet(env=env)
+    output: list[str] = []
+
+    exited = threading.Event()
+
+    def echo(stream: Any) -> None:
+        for raw in stream:
+            if exited.is_set():
+                continue  # its helpers being stopped (their tracebacks), not the SuperNode
+            line = ANSI.sub("", raw.rstrip("\n"))
+            output[:] = [*output[-200:], line]
+            print(line, flush=True)
+
+    try:
+        popen = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=procs.env,
+            start_new_session=True,  # Ctrl-C reaches us; we stop it and its helpers
+        )
+        procs.processes.append(ManagedProcess("supernode", popen, Path(os.devnull)))
+        # Its helpers (flower-superexec) inherit the pipe: the SuperNode's exit, not the
+        # pipe's end, says it is done.
+        reader = threading.Thread(target=echo, args=(popen.stdout,), daemon=True)
+        reader.start()
+        code = popen.wait()
+        exited.set()
+    finally:
+        procs.stop()
+    reader.join()
+    return code, output

@@ -96,9 +96,54 @@ def load_resume(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[st
     if state.get("config") != identity(cfg):
         raise checkpoint.CheckpointError(
             f"checkpoint {run_dir / CHECKPOINT} was written with a different config (strategy, "
-            "data, model or training settings); resume with the run's own config.yaml"
+            "data, model or training settings); resume it without overrides (its config.yaml is "
+            "used)"
         )
     return state, groups
+
+
+def resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The config to resume ``run_dir`` with: its own ``config.yaml``, with the command line's
+    overrides of keys a resumed run may change (``RESUMABLE_CHANGES``: ports, output, W&B)
+    applied; an override that would change the run itself is refused in one line. A folder
+    without ``config.yaml`` is resumed with ``cfg`` (its checkpoint is checked against it).
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The config composed from the command line.
+    run_dir : Path
+        The run folder to resume.
+    overrides : list of str
+        The command line's Hydra overrides (``key=value``).
+
+    Returns
+    -------
+    DictConfig
+        The saved config with ``resume`` and ``output.run_dir`` set to this run.
+    """
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        resumed = cfg.copy()
+    else:
+        resumed = OmegaConf.load(saved_path)
+        for override in overrides:
+            key = override.lstrip("+~").split("=", 1)[0]
+            if "=" not in override or key.startswith(("hydra.", "hydra/")):
+                continue
+            value = OmegaConf.select(cfg, key)
+            if key.split(".")[0].split("/")[0] in RESUMABLE_CHANGES:
+                OmegaConf.update(resumed, key, value, force_add=True)
+            elif value != OmegaConf.select(resumed, key):
+                raise checkpoint.CheckpointError(
+                    f"resume: {override} would change the run in {run_dir} (its config.yaml "
+                    f"has {key}={OmegaConf.select(resumed, key)}); resume without it, or start "
+                    "a new run"
+                )
+    OmegaConf.update(resumed, "resume", cfg.resume, force_add=True)
+    OmegaConf.update(resumed, "output.run_dir", str(run_dir), force_add=True)
+    validate(resumed)
+    return resumed
 
 
 def message_configs(
@@ -222,6 +267,9 @@ def main(grid: Grid, context: Context) -> None:
     except FedalignError as exc:
         log.error("error: %s", exc)
         recorder.finish("failed", error=str(exc))
+        raise
+    except KeyboardInterrupt:  # the launcher names the cause when it was a crash
+        recorder.finish("interrupted", error="interrupted by Ctrl-C or SIGTERM")
         raise
     except BaseException as exc:
         recorder.finish("failed", error=f"{type(exc).__name__}: {exc}")

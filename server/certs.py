@@ -167,8 +167,47 @@ def load_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return ca, key
 
 
-def check_certificates(out: Path, silos: Iterable[str], auth: bool) -> dict[str, Path]:
-    """The files a secure federation needs, checked before any process starts."""
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    """The IP addresses and DNS names a certificate's subjectAltName holds."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] + list(
+        sans.get_values_for_type(x509.DNSName)
+    )
+
+
+def _names_host(names: list[str], host: str) -> bool:
+    try:
+        wanted = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower() in {n.lower() for n in names}
+    return any(n == str(wanted) for n in names)
+
+
+def check_certificates(
+    out: Path, silos: Iterable[str], auth: bool, host: str | None = None
+) -> dict[str, Path]:
+    """The files a secure federation needs, checked before any process starts.
+
+    Parameters
+    ----------
+    out : Path
+        A ``fedalign certs`` folder.
+    silos : iterable of str
+        The silos whose keys are needed (with ``auth``).
+    auth : bool
+        SuperNode authentication: each silo's key pair must be there.
+    host : str, optional
+        The address the SuperLink is reached at (``federation.host``): the SuperLink's
+        certificate must name it, else every TLS handshake would fail.
+
+    Returns
+    -------
+    dict of str to Path
+        ``ca``, ``cert``, ``key`` and, with ``auth``, ``silo:<name>`` / ``silo-pub:<name>``.
+    """
     out = Path(out)
     needed = {
         "ca": out / "ca.crt",
@@ -201,4 +240,11 @@ def check_certificates(out: Path, silos: Iterable[str], auth: bool) -> dict[str,
         ) from None
     if cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc):
         raise CertificateError(f"federation: {needed['cert']} expired; run `fedalign certs` again")
+    names = certificate_names(cert)
+    if host is not None and not _names_host(names, host):
+        raise CertificateError(
+            f"federation: {needed['cert']} is for {', '.join(names) or 'no address'}, not "
+            f"federation.host={host}, so the TLS handshake would fail; make a new folder with "
+            f"`fedalign certs DIR --san {host}` or set federation.host to one of those"
+        )
     return needed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import ssl
 import sys
 import tempfile
@@ -40,6 +41,19 @@ def _node_config(values: dict[str, Any]) -> str:
     return " ".join(
         f"{k}={json.dumps(v)}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items()
     )
+
+
+def exit_text(proc: Any) -> str:
+    """``<name> exited with signal 9 (SIGKILL) (log: ...)``, or with its code and, then only,
+    its last log line (a process killed by a signal wrote nothing about it)."""
+    code = proc.exited()
+    if code < 0:
+        try:
+            name = f" ({signal.Signals(-code).name})"
+        except ValueError:
+            name = ""
+        return f"{proc.name} exited with signal {-code}{name} (log: {proc.log_path})"
+    return f"{proc.name} exited with code {code}: {proc.last_line()} (log: {proc.log_path})"
 
 
 class LocalFederation:
@@ -89,7 +103,7 @@ class LocalFederation:
         domains = [s.domain for s in silos(self.cfg)]
         chosen = OmegaConf.select(self.cfg, "federation.certs_dir")
         if chosen:
-            self.certs = check_certificates(Path(chosen), domains, self.auth)
+            self.certs = check_certificates(Path(chosen), domains, self.auth, str(self.fed.host))
         else:  # a fresh CA for this run only, deleted with FLWR_HOME
             folder = self.flwr_home / "certs"
             make_certificates(folder, domains, sans=[str(self.fed.host), "localhost"])
@@ -220,7 +234,15 @@ class LocalFederation:
                 with urllib.request.urlopen(url, timeout=1, context=context) as reply:
                     if reply.status == 200:
                         return
-            except (urllib.error.URLError, OSError):
+            except urllib.error.URLError as exc:
+                if isinstance(exc.reason, ssl.SSLError):  # up, but the handshake failed
+                    raise LaunchError(
+                        f"TLS handshake with the SuperLink at {host}:{port} failed "
+                        f"({getattr(exc.reason, 'verify_message', None) or exc.reason}); check "
+                        f"that {self.certs['cert']} was signed by {self.certs['ca']} and names "
+                        f"{host} (log: {proc.log_path})"
+                    ) from None
+            except OSError:
                 pass
             time.sleep(0.2)
         raise LaunchError(
@@ -254,7 +276,14 @@ class LocalFederation:
         for proc in self.procs.processes:
             if proc.exited() is not None and not proc.reported:
                 proc.reported = True
-                self.echo(f"warning: {proc.name} exited ({proc.exited()}): {proc.last_line()}")
+                self.echo(f"warning: {exit_text(proc)}")
+
+    def crash(self) -> str | None:
+        """Why the run cannot have finished: the SuperLink exited before it was stopped."""
+        superlink = next((p for p in self.procs.processes if p.name == "superlink"), None)
+        if superlink is None or superlink.exited() is None:
+            return None
+        return exit_text(superlink).replace("superlink", "the SuperLink", 1)
 
     # ------------------------------------------------------------------------- teardown
     def stop(self) -> None:
@@ -271,22 +300,35 @@ class LocalFederation:
 
 
 def resumable_run(cfg: DictConfig) -> Path:
-    """For ``resume=true``: ``output.run_dir`` if set, else the newest run folder of this run's
-    name under ``output.root`` that has a checkpoint and did not complete."""
+    """For ``resume``: the folder ``resume=<run folder>`` or ``output.run_dir`` names, else
+    (``resume=true``) the unfinished run under ``output.root`` whose checkpoint is newest."""
     from server.app import CHECKPOINT
 
     chosen = OmegaConf.select(cfg, "output.run_dir")
+    if not isinstance(cfg.resume, bool):
+        chosen = str(cfg.resume)
     if chosen:
         return Path(chosen)
-    candidates = sorted(Path(cfg.output.root).glob(f"*-{cfg.name}/{CHECKPOINT}"), reverse=True)
-    for path in candidates:
+    candidates = sorted(
+        Path(cfg.output.root).glob(f"*/{CHECKPOINT}"), key=lambda p: p.stat().st_mtime
+    )
+    for path in reversed(candidates):
         summary = path.parent / "summary.json"
         if not summary.exists() or json.loads(summary.read_text()).get("status") != "completed":
             return path.parent
     raise LaunchError(
-        f"resume=true: no unfinished run named '{cfg.name}' with a {CHECKPOINT} under "
-        f"{cfg.output.root}/; give output.run_dir=<run folder> or start a new run"
+        f"resume=true: no unfinished run with a {CHECKPOINT} under {cfg.output.root}/; "
+        "give resume=<run folder> or start a new run"
     )
+
+
+def keep_log(path: Path) -> None:
+    """Move ``path`` (an earlier attempt's log) aside to ``<stem>.<n><suffix>``, n = 1, 2..."""
+    if path.exists():
+        n = 1
+        while path.with_name(f"{path.stem}.{n}{path.suffix}").exists():
+            n += 1
+        path.rename(path.with_name(f"{path.stem}.{n}{path.suffix}"))
 
 
 def launch(cfg: DictConfig, run_dir: Path, echo: Any = print) -> dict[str, Any]:
@@ -299,9 +341,22 @@ def launch(cfg: DictConfig, run_dir: Path, echo: Any = print) -> dict[str, Any]:
 
         state, _ = load_resume(cfg, run_dir)
         echo(f"resuming {run_dir} after round {state['round']} of {cfg.rounds} ({CHECKPOINT})")
-    with LocalFederation(cfg, run_dir, echo) as federation:
-        federation.start()
-        status = federation.submit(verbose=bool(OmegaConf.select(cfg, "verbose", default=False)))
+        keep_log(run_dir / "logs" / "server.log")  # the earlier attempt's, as server.1.log
+    from fedalign.runlog import mark_summary
+
+    try:
+        with LocalFederation(cfg, run_dir, echo) as federation:
+            federation.start()
+            verbose = bool(OmegaConf.select(cfg, "verbose", default=False))
+            status = federation.submit(verbose=verbose)
+            crash = federation.crash()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM; the federation is down by now
+        if (run_dir / "summary.json").exists():
+            mark_summary(run_dir, "interrupted", "interrupted by Ctrl-C or SIGTERM")
+        raise
+    if crash:
+        mark_summary(run_dir, "failed", crash)
+        raise LaunchError(f"run failed: {crash}; continue it with `fedalign run resume={run_dir}`")
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if summary.get("status") != "completed":

@@ -131,9 +131,17 @@ class SiloFedAvg(FedAvg):
         return messages
 
     def record_missing(self, rnd: int, replies: list[Message], phase: str) -> None:
-        """Log and record (``dropped`` in the round's metrics) silos that sent no usable reply."""
+        """Log and record silos that sent no usable reply (``dropped`` in the round's metrics)
+        and configured silos no longer connected, so never asked (``absent``)."""
         answered = {self.silo_of(r) for r in replies if not r.has_error()}
         missing = sorted(self._expected - answered)
+        if self._grid is not None:
+            connected = set(self._grid.get_node_ids())
+            gone = {s.domain for n, s in self.roster.items() if n not in connected}
+            absent = gone - self._expected - answered
+            if absent:
+                known = self.recorder.round_metrics.get(rnd, {}).get("absent", [])
+                self.recorder.metrics(rnd, absent=sorted(set(known) | absent))
         if missing:
             log.warning(
                 "round %d %s: no reply from %s within the round (timeout %ss or failure); "

@@ -12,10 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from fedalign import checkpoint
-from server.certs import make_certificates
-from server.processes import free_port
+from fedalign.config import compose
+from fedalign.data.feature_shift import write_feature_shift
+from server.app import identity
+from server.certs import check_certificates, make_certificates
+from server.processes import carrying, free_port
 from tests.conftest import port_overrides
 
 FEDALIGN = str(Path(sys.executable).parent / "fedalign")
@@ -35,7 +39,18 @@ def prepare(tmp: Path, cache: Path) -> dict[str, str]:
     make_certificates(tmp / "certs-b", ["mnist"])
     (tmp / "certs-a" / "ca.crt").write_bytes((tmp / "certs-b" / "ca.crt").read_bytes())
     (tmp / "a-file").write_text("not a folder")
+    domains = ["mnist", "usps", "mnistm"]
+    make_certificates(tmp / "certs-remote", domains, sans=["10.0.0.5"])  # no loopback name
+    saved = tmp / "saved-run"
+    cfg = compose([f"data.cache_dir={cache}", "data.domains=[mnist,usps,mnistm]"])
+    saved.mkdir()
+    (saved / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    checkpoint.save(saved / "checkpoint.npz", {"round": 1, "config": identity(cfg)}, {})
+    site = write_feature_shift(tmp / "features")["inverted"].parent
     return {
+        "remote": str(tmp / "certs-remote"),
+        "saved": str(saved),
+        "site": str(site),
         "corrupt": str(corrupt),
         "other": str(other),
         "foreign": str(tmp / "certs-a"),
@@ -89,7 +104,49 @@ CASES = [
     (
         "resume with no run to resume",
         "run resume=true output.root={empty} {data}",
-        "resume=true: no unfinished run named",
+        "resume=true: no unfinished run with a checkpoint.npz under",
+    ),
+    (
+        "resume with an override that changes the run",
+        "run resume={saved} rounds=7 {data}",
+        "resume: rounds=7 would change the run in",
+    ),
+    (
+        "output folder that cannot exist",
+        "run output.root=/proc/nope",
+        "output: cannot write to /proc/nope (No such file or directory); set output.root",
+    ),
+    (
+        "read-only output root",
+        "run output.root=/sys/kernel",
+        "output: cannot write to /sys/kernel (Permission denied); set output.root",
+    ),
+    (
+        "run folder on a read-only filesystem",
+        "run output.run_dir=/sys/fedalign-run",
+        "output: cannot write to /sys/fedalign-run (Operation not permitted); set output.run_dir",
+    ),
+    (
+        "TLS with a SuperLink certificate for another address",
+        "run federation.tls=true federation.certs_dir={remote} {data} {ports}",
+        "superlink.crt is for 10.0.0.5, not federation.host=127.0.0.1, so the TLS handshake "
+        "would fail",
+    ),
+    (
+        "join an address without a port",
+        "silo join --superlink 127.0.0.1 --domain site --data {empty} --insecure --dry-run",
+        "silo join: --superlink '127.0.0.1': it is not HOST:PORT or [IPv6]:PORT",
+    ),
+    (
+        "join an IPv6 address that is not one",
+        "silo join --superlink [fe80::zz]:9092 --domain site --data {empty} --insecure --dry-run",
+        "silo join: --superlink '[fe80::zz]:9092': fe80::zz is not an IPv6 address",
+    ),
+    (
+        "join a SuperLink nobody runs",
+        "silo join --superlink 127.0.0.1:{closed} --domain inverted --data {site} --insecure "
+        "--connect-timeout 2 --port {free}",
+        "within 2s (connection refused); check that the SuperLink is running",
     ),
     (
         "resume from a corrupt checkpoint",
@@ -147,15 +204,17 @@ def places(tmp_path_factory, digits_cache) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("case", "args", "expected"), CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gets_one_error_line(places, case, args, expected):
+def test_bad_input_gets_one_error_line(places, case, args, expected, tmp_path):
     marker = uuid.uuid4().hex
-    closed = free_port()  # nothing listens there
-    argv = args.format(**places, ports=" ".join(port_overrides(2)), closed=closed).split()
+    closed, free = free_port(), free_port()  # nothing listens there
+    ports = " ".join(port_overrides(3))
+    argv = args.format(**places, ports=ports, closed=closed, free=free).split()
     done = subprocess.run(
         [FEDALIGN, *argv],
         capture_output=True,
         text=True,
         env={**os.environ, "FEDALIGN_TEST_MARK": marker},
+        cwd=tmp_path,  # the default output.root, outputs/, would be made here
         timeout=120,
     )
     lines = [row for row in done.stderr.splitlines() if row.strip()]
@@ -163,6 +222,22 @@ def test_bad_input_gets_one_error_line(places, case, args, expected):
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert expected in lines[0]
     assert "Traceback" not in done.stdout + done.stderr
+    assert carrying("FEDALIGN_TEST_MARK", marker) == []  # no process left behind
+    for folder in (tmp_path, Path(places["empty"]).parent):
+        assert list(folder.rglob(".hydra")) == [], "a refused run left its run folder"
+
+
+def test_certs_always_include_the_loopback_names(tmp_path):
+    done = subprocess.run(
+        [FEDALIGN, "certs", str(tmp_path / "c"), "--san", "10.0.0.5", "--silo", "mnist"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "SANs: 127.0.0.1, ::1, localhost, 10.0.0.5" in done.stdout
+    for host in ("127.0.0.1", "10.0.0.5", "localhost"):  # a local run and a remote silo
+        check_certificates(tmp_path / "c", ["mnist"], auth=False, host=host)
 
 
 def test_every_case_is_in_the_docs():

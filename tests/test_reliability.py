@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from rich.console import Console
 
+from fedalign.cli import print_results
 from fedalign.config import compose, silos, validate
 from server.launcher import LocalFederation
 from server.processes import carrying, descendants
@@ -78,8 +80,85 @@ def test_source_killed_mid_round_is_dropped_and_rejoins(digits_cache, tmp_path):
     assert back and min(back) == 1 and max(back) > 2, back  # trained before and after the kill
     assert "test-accuracy" in rounds[-1]["silos"]["usps"]  # and evaluated the final model
     assert any("silo usps rejoined on node" in line for line in seen)
+    for line in rounds[2:]:  # every round it missed names it, until it trained again
+        if "train-loss" not in line["silos"].get("usps", {}):
+            assert "usps" in line.get("dropped", []) + line.get("absent", []), line
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds_completed"] == 4
+    assert summary["silos_not_finished"] == []  # it came back and evaluated the final model
+    console = Console(record=True, width=200)
+    print_results(run_dir, console)
+    rows = [r.split("│")[1:-1] for r in console.export_text().splitlines() if "│" in r]
+    row1 = next([c.strip() for c in r] for r in rows if r[0].strip() == "1")
+    assert row1[3] == "trained", row1  # usps trained in round 1, then left; not "-"
+
+
+def test_silo_killed_for_good_is_recorded_in_every_later_round(digits_cache, tmp_path):
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "FEDALIGN_TEST_MARK": marker}
+    run_dir = tmp_path / "run"
+    argv = [
+        FEDALIGN,
+        "run",
+        "data.domains=[mnist,usps,mnistm]",
+        f"data.cache_dir={digits_cache}",
+        "rounds=2",
+        "train.local_steps=10",
+        "wandb.mode=disabled",
+        "federation.round_timeout=15",
+        "federation.connect_timeout=60",
+        f"output.run_dir={run_dir}",
+        *port_overrides(3),
+    ]
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
+    ) as run:
+        for line in run.stdout:
+            if "round 1/2: training on" in line:
+                for pid in server_pids(marker, 'domain="usps"'):
+                    kill_tree(pid)
+                break
+        out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out[-2000:]
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for line in rounds[1:]:
+        assert "usps" in line.get("dropped", []) + line.get("absent", []), line
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["silos_not_finished"] == ["usps"]
+    assert "warning: silo-usps exited with signal 9 (SIGKILL) (log: " in out
+    assert carrying("FEDALIGN_TEST_MARK", marker) == []
+
+
+def test_ctrl_c_is_recorded_as_interrupted(digits_cache, tmp_path):
+    marker = uuid.uuid4().hex
+    run_dir = tmp_path / "run"
+    argv = [
+        FEDALIGN,
+        "run",
+        "data.domains=[mnist,usps,mnistm]",
+        f"data.cache_dir={digits_cache}",
+        "rounds=5",
+        "train.local_steps=10",
+        "wandb.mode=disabled",
+        f"output.run_dir={run_dir}",
+        *port_overrides(3),
+    ]
+    env = {**os.environ, "FEDALIGN_TEST_MARK": marker}
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    ) as run:
+        for line in run.stdout:
+            if "round 2/5: training on" in line:  # round 1 is in the run folder
+                run.send_signal(signal.SIGINT)
+                break
+        _, err = run.communicate(timeout=120)
+    assert run.returncode == 130
+    assert err.strip() == "interrupted: federation stopped"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    assert summary["error"] == "interrupted by Ctrl-C or SIGTERM"
+    assert carrying("FEDALIGN_TEST_MARK", marker) == []
 
 
 def server_pids(marker: str, name: str) -> list[int]:
@@ -106,48 +185,63 @@ def test_superlink_killed_mid_run_resumes_to_identical_weights(digits_cache, tmp
         "wandb.mode=disabled",
         "federation.connect_timeout=60",
     ]
+    cwd = tmp_path / "cwd"  # where Hydra's default run folders (outputs/) would appear
+    cwd.mkdir()
 
     def fedalign(*args: str, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [FEDALIGN, *args], capture_output=True, text=True, env=env, timeout=400, **kwargs
+            [FEDALIGN, *args], capture_output=True, text=True, env=env, timeout=400, cwd=cwd
         )
 
     reference = tmp_path / "reference"
     done = fedalign("run", *base, *port_overrides(3), f"output.run_dir={reference}")
     assert done.returncode == 0, done.stderr[-2000:]
 
-    crashed = tmp_path / "crashed"
+    root = tmp_path / "runs"
+    crashed = root / "crashed"
     with subprocess.Popen(
         [FEDALIGN, "run", *base, *port_overrides(3), f"output.run_dir={crashed}"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
+        cwd=cwd,
     ) as run:
         for line in run.stdout:
             if "round 2/2: training on" in line:  # round 1 is checkpointed
                 for pid in server_pids(marker, "flower-superlink"):
                     os.kill(pid, signal.SIGKILL)
                 break
-        run.communicate(timeout=300)
-    assert run.returncode != 0
+        out, err = run.communicate(timeout=300)
+    assert run.returncode == 1
+    logs = crashed / "logs"
+    assert err.strip() == (
+        f"error: run failed: the SuperLink exited with signal 9 (SIGKILL) (log: "
+        f"{logs / 'superlink.log'}); continue it with `fedalign run resume={crashed}`"
+    ), err
+    assert "KeyboardInterrupt" not in out + err
+    summary = json.loads((crashed / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("the SuperLink exited with signal 9 (SIGKILL)")
     checkpoint = crashed / "checkpoint.npz"
     saved = checkpoint.read_bytes()
     lines_before = (crashed / "metrics.jsonl").read_text()
+    first_log = (logs / "server.log").read_text()
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(crashed, corrupt)
     data = bytearray(saved)
     data[len(data) // 2] ^= 0xFF
     (corrupt / "checkpoint.npz").write_bytes(bytes(data))
-    done = fedalign("run", *base, *port_overrides(3), "resume=true", f"output.run_dir={corrupt}")
+    done = fedalign("run", *port_overrides(3), f"resume={corrupt}")  # its own config.yaml
     assert done.returncode == 1
     error = [row for row in done.stderr.splitlines() if row.strip()]
     assert len(error) == 1 and "it was not loaded" in error[0], done.stderr
     assert (corrupt / "checkpoint.npz").read_bytes() == bytes(data)  # reported, left as it was
     assert (corrupt / "metrics.jsonl").read_text() == lines_before
 
-    done = fedalign("run", *base, *port_overrides(3), "resume=true", f"output.run_dir={crashed}")
+    # resume=true: the newest unfinished run under output.root, with its own config (no base)
+    done = fedalign("run", *port_overrides(3), "resume=true", f"output.root={root}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming" in done.stdout and "after round 1 of 2" in done.stdout
     with np.load(reference / "final_weights.npz") as a, np.load(crashed / "final_weights.npz") as b:
@@ -156,4 +250,7 @@ def test_superlink_killed_mid_run_resumes_to_identical_weights(digits_cache, tmp
             assert np.array_equal(a[name], b[name]), name  # bit for bit
     rounds = [json.loads(r)["round"] for r in (crashed / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2]
+    assert (logs / "server.1.log").read_text() == first_log  # the first attempt's log is kept
+    assert "resuming after round 1" in (logs / "server.log").read_text()
+    assert list(cwd.rglob(".hydra")) == [] and list(root.iterdir()) == [crashed]
     assert server_pids(marker, "flower") == []
