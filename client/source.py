@@ -7,10 +7,12 @@ import logging
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client import adversary as disentangler
 from client import runtime, state
 from fedalign.config import ConfigError
 from strategies.utils import (
     ARRAYS,
+    CLASS_STATS,
     EMBEDDINGS,
     FISHER,
     FISHER_SCALE,
@@ -27,8 +29,9 @@ BATCHNORM = "local-batchnorm"  # FedBN: this silo's BatchNorm weights and statis
 
 
 def train(message: Message, context: Context) -> Message:
+    from fedalign.classalign import ClassStatistics
     from fedalign.models import get_weights
-    from fedalign.train import Alignment, evaluate, make_optimizer, train_local
+    from fedalign.train import Alignment, ClassAlignment, evaluate, make_optimizer, train_local
 
     silo, cfg, data = runtime.setup(message, context)
     if silo.role != "source":
@@ -46,13 +49,21 @@ def train(message: Message, context: Context) -> Message:
     optimizer = make_optimizer(model, train_cfg)
     if cfg.get("keep-optimizer-state", True):
         restore_optimizer(context, optimizer, cfg, tag)
-    align = None
+    align = adversary = class_align = None
     if EMBEDDINGS in message.content.array_records:
-        align = Alignment(
-            embeddings=from_record(message.content[EMBEDDINGS])[EMBEDDINGS].astype(np.float32),
-            weight=float(cfg.get("mmd-weight", 0.0)),
-            kernel_mul=float(cfg.get("kernel-mul", 2.0)),
-            kernel_num=int(cfg.get("kernel-num", 5)),
+        embeddings = from_record(message.content[EMBEDDINGS])[EMBEDDINGS].astype(np.float32)
+        if float(cfg.get("mmd-weight", 0.0)) > 0:
+            align = Alignment(
+                embeddings=embeddings,
+                weight=float(cfg["mmd-weight"]),
+                kernel_mul=float(cfg.get("kernel-mul", 2.0)),
+                kernel_num=int(cfg.get("kernel-num", 5)),
+            )
+        adversary = disentangler.build(context, embeddings, cfg, train_cfg, tag)
+    if CLASS_STATS in message.content.array_records and float(cfg.get("class-align-weight", 0)) > 0:
+        class_align = ClassAlignment(
+            stats=ClassStatistics.from_arrays(from_record(message.content[CLASS_STATS])),
+            weight=float(cfg["class-align-weight"]),
         )
     fit = train_local(
         model,
@@ -64,7 +75,11 @@ def train(message: Message, context: Context) -> Message:
         align=align,
         optimizer=optimizer,
         proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+        adversary=adversary,
+        class_align=class_align,
     )
+    if adversary is not None:
+        disentangler.save(context, adversary)
     if cfg.get("keep-optimizer-state", True):
         save_optimizer(context, optimizer, cfg)
     if local_batchnorm:
@@ -75,7 +90,7 @@ def train(message: Message, context: Context) -> Message:
         tag,
         train_cfg.local_steps,
         fit["train-loss"],
-        f", mmd {fit['mmd']:.4f} (weight {align.weight:.3f})" if align else "",
+        extra_terms(fit),
         received["test-accuracy"],
     )
     metrics = {
@@ -94,6 +109,12 @@ def train(message: Message, context: Context) -> Message:
     if cfg.get("fisher", False):
         attach_fisher(content, model, data, cfg, device, train_cfg.seed, tag)
     return Message(content, reply_to=message)
+
+
+def extra_terms(fit: dict[str, float]) -> str:
+    """The log's summary of the alignment terms this round trained with."""
+    names = ("mmd", "domain-loss", "domain-accuracy", "class-align-loss")
+    return "".join(f", {name} {fit[name]:.4f}" for name in names if name in fit)
 
 
 def attach_fisher(

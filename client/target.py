@@ -1,8 +1,11 @@
 """The target silo (FedKA's global workspace): evaluate, vote, fine-tune, embed.
 
 What leaves this silo: the fine-tuned model weights, M embeddings of random target
-training inputs (features of the global model, FedKA's alignment anchors), and scalar
-metrics. Target images, target labels and per-sample predictions stay here.
+training inputs (features of the global model, FedKA's alignment anchors; only when MK-MMD or
+the disentangler is on), with class-aware alignment on the class-conditional statistics of the
+voted samples' features under their pseudo-labels (C means, D pooled variances, a C-long mask),
+and scalar metrics. Target images, target labels, pseudo-labels and per-sample predictions stay
+here.
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from client import runtime
 from fedalign.config import ConfigError
-from strategies.utils import ARRAYS, EMBEDDINGS, METRICS, SILO, source_domain, to_record
+from strategies.utils import (
+    ARRAYS,
+    CLASS_STATS,
+    EMBEDDINGS,
+    METRICS,
+    SILO,
+    from_record,
+    source_domain,
+    to_record,
+)
 
 log = logging.getLogger("fedalign.client")
 STAT_KEYS = ("agreement", "kept_fraction", "pseudo_label_accuracy")  # vote statistics reported
@@ -40,6 +52,22 @@ def _embeddings(model: Any, data: Any, cfg: dict[str, Any], device: Any) -> dict
         limit = np.finfo(np.float16).max
         features = np.clip(features, -limit, limit).astype(np.float16)
     return {EMBEDDINGS: to_record({EMBEDDINGS: features})}
+
+
+def _class_stats(
+    model: Any, x: np.ndarray, labels: np.ndarray, cfg: dict[str, Any], device: Any
+) -> dict[str, Any]:
+    """Class-conditional statistics of the voted samples' features, when class alignment is on."""
+    from fedalign.classalign import class_statistics
+    from fedalign.workspace import embed
+
+    min_count = int(cfg.get("class-min-count", 0))
+    if min_count <= 0 or len(labels) == 0:
+        return {}
+    stats = class_statistics(
+        embed(model, x, device), labels, int(cfg.get("num-classes", 10)), min_count
+    )
+    return {} if stats is None else {CLASS_STATS: to_record(stats.to_arrays())}
 
 
 def embed_and_evaluate(message: Message, context: Context) -> Message:
@@ -108,16 +136,22 @@ def vote_and_fine_tune(message: Message, context: Context) -> Message:
     vote_seconds = time.perf_counter() - start
     tag = f"silo {silo.domain} round {rnd}:"
     alpha = float(cfg.get("alpha", 1.0))
+    voted_x, voted = data.x_train[idx][mask], labels[mask]
+    # The statistics describe the feature space the sources start the next round in.
+    starts_averaged = cfg.get("start-from", "finetuned") == "averaged"
+    class_stats = _class_stats(model, voted_x, voted, cfg, device) if starts_averaged else {}
     tuned = fine_tune(
         model,
-        data.x_train[idx][mask],
-        labels[mask],
+        voted_x,
+        voted,
         runtime.train_config(cfg, silo),
         vote_cfg.finetune_steps,
         alpha,
         device,
         tag,
     )
+    if not starts_averaged:
+        class_stats = _class_stats(model, voted_x, voted, cfg, device)
     result = evaluate(model, data.x_test, data.y_test, device, batch)
     metrics = {
         "num-examples": int(mask.sum()),
@@ -130,6 +164,9 @@ def vote_and_fine_tune(message: Message, context: Context) -> Message:
         "alpha": alpha,
         "vote-seconds": vote_seconds,
     }
+    if class_stats:
+        present = from_record(class_stats[CLASS_STATS])["present"]
+        metrics["class-stats-classes"] = int(present.sum())
     log.info(
         "%s vote agreement %.3f, kept %.3f, pseudo-label acc %s; target acc averaged %.4f -> "
         "fine-tuned %.4f",
@@ -146,6 +183,7 @@ def vote_and_fine_tune(message: Message, context: Context) -> Message:
             METRICS: MetricRecord({k.replace("_", "-"): float(v) for k, v in metrics.items()}),
             SILO: runtime.silo_record(silo),
             **_embeddings(model, data, cfg, device),
+            **class_stats,
         }
     )
     return Message(content, reply_to=message)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import signal
 import sys
@@ -325,7 +326,7 @@ def grid_command(action: str, argv: list[str]) -> None:
         args.docs,
         settings_line(preset),
         lambda target, method, seed: expected_config(preset, target, method, seed),
-        default_config(),
+        functools.cache(lambda method: default_config(preset, method)),
     )
     print(f"results: {paths['md']}")
     if counts["failed"]:

@@ -108,6 +108,19 @@ def _validate_external(cfg: DictConfig) -> None:
     )
 
 
+def _validate_fedka_blocks(cfg: DictConfig) -> None:
+    """FedKA's disentangler and class-aware alignment (``strategy.disentangle``/``class_align``)."""
+    for block in ("disentangle", "class_align"):
+        enabled = OmegaConf.select(cfg, f"strategy.{block}.enabled")
+        _require(
+            isinstance(enabled, bool), f"strategy.{block}.enabled={enabled!r} (use true or false)"
+        )
+        _number(cfg, f"strategy.{block}.weight", float, minimum=0)
+    _choice(cfg, "strategy.disentangle.schedule", ("alpha", "constant"))
+    _number(cfg, "strategy.disentangle.hidden")
+    _number(cfg, "strategy.class_align.min_count", minimum=2)
+
+
 def external_silos(cfg: DictConfig) -> set[str]:
     """Domains whose SuperNodes the launcher does not start (they join themselves)."""
     return set(OmegaConf.select(cfg, "federation.external_silos", default=[]) or [])
@@ -212,6 +225,7 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "strategy.kernel_mul", float, minimum=1e-9)
         agreement = _number(cfg, "strategy.min_agreement", float, minimum=0)
         _require(agreement <= 1, f"strategy.min_agreement={agreement} must be in [0, 1]")
+        _validate_fedka_blocks(cfg)
     if "proximal_mu" in cfg.strategy:
         _number(cfg, "strategy.proximal_mu", float, minimum=0)
     if "fisher" in cfg.strategy:

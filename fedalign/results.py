@@ -52,10 +52,22 @@ def learning_config(config: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def without_disabled(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without the blocks whose ``enabled`` is false, at any depth: a block that is
+    off learns like a config that never had it."""
+    return {
+        k: without_disabled(v) if isinstance(v, dict) else v
+        for k, v in config.items()
+        if not (isinstance(v, dict) and v.get("enabled") is False)
+    }
+
+
 def same_settings(ran: dict[str, Any], expected: dict[str, Any], defaults: dict[str, Any]) -> bool:
     """Did a run with config ``ran`` learn with the settings ``expected``? A key missing from
     ``ran`` was added to the config after it ran: it matches when ``expected`` keeps that key's
-    default (a new setting's default keeps the behaviour from before it existed)."""
+    default (a new setting's default keeps the behaviour from before it existed). A block that is
+    off (``enabled: false``) compares as absent."""
+    ran, expected, defaults = (without_disabled(c) for c in (ran, expected, defaults))
     for key in ran.keys() | expected.keys():
         want = expected.get(key)
         if key not in ran:
@@ -112,14 +124,16 @@ def cell_row(path: Path, target: str, method: str, seed: int) -> dict[str, Any]:
 
 
 Expected = Callable[[str, str, int], dict[str, Any]]
+Defaults = Callable[[str], dict[str, Any]]
 
 
 def collect(
-    preset: dict[str, Any], root: Path, expected: Expected, defaults: dict[str, Any]
+    preset: dict[str, Any], root: Path, expected: Expected, defaults: Defaults
 ) -> list[dict[str, Any]]:
     """Rows of every completed, current cell of ``preset`` under ``root``, in grid order;
     ``expected(target, method, seed)`` is the config the grid would run that cell with now,
-    ``defaults`` the config with no overrides (see :func:`is_complete`)."""
+    ``defaults(method)`` the config with only the method's strategy chosen (see
+    :func:`is_complete`)."""
     return [
         cell_row(path, target, method, seed)
         for target in preset["targets"]
@@ -128,7 +142,7 @@ def collect(
         if is_complete(
             path := cell_dir(root, preset["name"], target, method, seed),
             expected(target, method, seed),
-            defaults,
+            defaults(method),
         )
     ]
 
@@ -220,7 +234,7 @@ def write_results(
     docs: Path,
     settings: str,
     expected: Expected,
-    defaults: dict[str, Any],
+    defaults: Defaults,
 ) -> dict[str, Path]:
     """Regenerate ``docs/results.{md,csv,png}`` (preset ``full``; other presets
     ``docs/results-<preset>.*``) from the current cells' run folders under ``root``."""

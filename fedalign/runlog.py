@@ -24,6 +24,9 @@ log = logging.getLogger("fedalign.run")
 # Round-level diagnostics drawn next to the accuracies when a strategy reports them.
 DIAGNOSTICS = (
     "mmd",
+    "domain_loss",
+    "domain_accuracy",
+    "class_align_loss",
     "vote_agreement",
     "vote_kept_fraction",
     "pseudo_label_accuracy",

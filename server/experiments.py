@@ -68,9 +68,13 @@ def expected_config(preset: dict[str, Any], target: str, method: str, seed: int)
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def default_config() -> dict[str, Any]:
-    """The resolved config with no overrides: what a setting missing from an old run meant."""
-    return OmegaConf.to_container(compose([]), resolve=True)
+def default_config(
+    preset: dict[str, Any] | None = None, method: str | None = None
+) -> dict[str, Any]:
+    """What a setting missing from an old run meant: the resolved config with no overrides but
+    the method's choice of strategy (a strategy's own new setting defaults within it)."""
+    chosen = [o for o in preset["methods"][method] if o.startswith("strategy=")] if method else []
+    return OmegaConf.to_container(compose(chosen), resolve=True)
 
 
 def cells(preset: dict[str, Any]) -> list[tuple[str, str, int]]:
@@ -131,10 +135,11 @@ def run_grid(preset: dict[str, Any], root: Path, echo: Any = print) -> dict[str,
     from server.launcher import launch
 
     check(preset)
-    todo, stale, defaults = [], 0, default_config()
+    todo, stale = [], 0
+    defaults = {method: default_config(preset, method) for method in preset["methods"]}
     for cell in cells(preset):
         path = cell_dir(root, preset["name"], *cell)
-        if not is_complete(path, expected_config(preset, *cell), defaults):
+        if not is_complete(path, expected_config(preset, *cell), defaults[cell[1]]):
             todo.append(cell)
             stale += is_complete(path)
     counts = {"done": 0, "skipped": len(cells(preset)) - len(todo), "failed": 0}

@@ -55,6 +55,18 @@ def build_strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> 
     return strategy
 
 
+def _alignment_blocks(s: Any) -> dict[str, Any]:
+    """FedKA's disentangler and class-aware alignment; a block that is off has weight 0."""
+    d, c = s.disentangle, s.class_align
+    return {
+        "disentangle_weight": float(d.weight) if d.enabled else 0.0,
+        "disentangle_schedule": str(d.schedule),
+        "disentangle_hidden": int(d.hidden),
+        "class_align_weight": float(c.weight) if c.enabled else 0.0,
+        "class_min_count": int(c.min_count),
+    }
+
+
 def _strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> SiloFedAvg:
     s = cfg.strategy
     common = {"num_rounds": int(cfg.rounds), "min_sources": int(s.min_sources)}
@@ -79,6 +91,7 @@ def _strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> SiloF
             vote=bool(s.vote),
             start_from=str(s.start_from),
             mmd_weight=float(s.mmd_weight),
+            **_alignment_blocks(s),
             target_config={
                 "embed-samples": int(s.embed_samples),
                 "embed-transport": str(s.embed_transport),

@@ -19,6 +19,7 @@ CONFIG = "config"
 METRICS = "metrics"
 SILO = "silo"
 EMBEDDINGS = "embeddings"  # target-domain features (M x D), FedKA's alignment anchors
+CLASS_STATS = "class-stats"  # target class means (C x D), pooled variance (D), present mask (C)
 FISHER = "fisher"  # a source's diagonal Fisher, one array per parameter
 FISHER_SCALE = "fisher-scale"  # per-array scales of a float16-transported Fisher
 

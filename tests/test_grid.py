@@ -116,7 +116,8 @@ def test_a_cell_run_with_other_settings_is_stale(tmp_path):
     from fedalign.results import is_complete
     from server.experiments import default_config, expected_config
 
-    smoke, defaults = load_preset("smoke"), default_config()
+    smoke = load_preset("smoke")
+    defaults = default_config(smoke, "fedka")
     expected = expected_config(smoke, "usps", "fedka", 0)
     cell = tmp_path / "cell"
     cell.mkdir()
