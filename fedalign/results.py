@@ -29,6 +29,8 @@ COLUMNS = (
     "wall_seconds",  # the whole run: federation start-up, rounds and teardown
     "mb_sent_per_round",
     "mb_received_per_round",
+    "seconds_per_round",  # the rounds alone (metrics.jsonl's wall_seconds of rounds 1..R)
+    "group_effect",  # FedKA-style runs: last-5 mean of averaged model minus mean source model
 )
 
 
@@ -108,6 +110,8 @@ def cell_row(path: Path, target: str, method: str, seed: int) -> dict[str, Any]:
     rounds = max(summary["rounds_completed"], 1)
     cell = path / "cell.json"  # the harness's own clock: process start-up included
     seconds = json.loads(cell.read_text())["seconds"] if cell.exists() else summary["wall_seconds"]
+    rounds_only = [line for line in lines if line["round"] >= 1]
+    effects = [line["group_effect"] for line in rounds_only if "group_effect" in line][-5:]
     return {
         "target": target,
         "method": method,
@@ -120,6 +124,10 @@ def cell_row(path: Path, target: str, method: str, seed: int) -> dict[str, Any]:
         "wall_seconds": seconds,
         "mb_sent_per_round": sum(line["bytes_sent"] for line in lines) / rounds / 1e6,
         "mb_received_per_round": sum(line["bytes_received"] for line in lines) / rounds / 1e6,
+        "seconds_per_round": (
+            statistics.fmean(line["wall_seconds"] for line in rounds_only) if rounds_only else None
+        ),
+        "group_effect": statistics.fmean(effects) if effects else None,
     }
 
 
@@ -178,6 +186,33 @@ def accuracy_table(rows: list[dict[str, Any]], preset: dict[str, Any], key: str)
     return "\n".join(lines)
 
 
+def ablation_table(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
+    """One row per method of ``preset["ablation"]`` (method -> which blocks are on): the
+    last-5 accuracy averaged over targets (mean ± std over seeds whose every target finished),
+    the Group Effect averaged over all its cells, and its cost per round."""
+    targets = list(preset["targets"])
+    lines = [
+        "| method | blocks | average over targets | Group Effect (points) | seconds per round | "
+        "MB per round (both ways) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, blocks in preset["ablation"].items():
+        mine = [r for r in rows if r["method"] == method]
+        per_seed = []
+        for seed in preset["seeds"]:
+            values = [r["last5_accuracy"] for r in mine if r["seed"] == seed]
+            if len(values) == len(targets):
+                per_seed.append(statistics.fmean(values))
+        effects = [r["group_effect"] for r in mine if r["group_effect"] is not None]
+        seconds = [r["seconds_per_round"] for r in mine if r["seconds_per_round"] is not None]
+        effect = f"{100 * statistics.fmean(effects):+.1f}" if effects else "—"
+        cost = f"{statistics.fmean(seconds):.1f}" if seconds else "—"
+        both = [r["mb_sent_per_round"] + r["mb_received_per_round"] for r in mine]
+        mb = f"{statistics.fmean(both):.2f}" if both else "—"
+        lines.append(f"| {method} | {blocks} | {_mean_std(per_seed)} | {effect} | {cost} | {mb} |")
+    return "\n".join(lines)
+
+
 def cost_table(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
     lines = [
         "| method | runs | wall seconds per run | MB per round, server → silos | "
@@ -228,6 +263,20 @@ def plot(rows: list[dict[str, Any]], preset: dict[str, Any], out: Path) -> None:
     tmp.replace(out)
 
 
+def ablation_section(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
+    """The ablation table and its legend, when the preset names an ``ablation``."""
+    if "ablation" not in preset:
+        return ""
+    return f"""Ablation: which of FedKA's blocks pay. The Group Effect is the averaged model's
+target accuracy minus the mean of the source models' (last 5 rounds; only the methods that vote
+evaluate the source models on the target). Cost: the rounds' wall seconds and the bytes that
+cross the SuperLink, per round.
+
+{ablation_table(rows, preset)}
+
+"""
+
+
 def write_results(
     preset: dict[str, Any],
     root: Path,
@@ -264,7 +313,7 @@ the FedKA notebook reports):
 
 {accuracy_table(rows, preset, "best_accuracy")}
 
-Cost per run (means over the finished cells):
+{ablation_section(rows, preset)}Cost per run (means over the finished cells):
 
 {cost_table(rows, preset)}
 

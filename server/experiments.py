@@ -25,7 +25,10 @@ from fedalign.results import cell_dir, is_complete
 from fedalign.runlog import atomic_write_text
 
 PRESET_KEYS = {"name", "engine", "targets", "methods", "seeds", "overrides"}
-OPTIONAL_KEYS = {"per_target"}  # target -> method -> extra overrides (e.g. from validation)
+OPTIONAL_KEYS = {
+    "per_target",  # target -> method -> extra overrides (e.g. from validation)
+    "ablation",  # method -> the blocks it has on: the results' ablation table
+}
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -44,6 +47,9 @@ def load_preset(name: str) -> dict[str, Any]:
         unknown = sorted(set(methods) - set(preset["methods"]))
         if target not in preset["targets"] or unknown:
             raise ConfigError(f"grid: per_target.{target} names no target or method {unknown}")
+    unknown = sorted(set(preset.get("ablation", {})) - set(preset["methods"]))
+    if unknown:
+        raise ConfigError(f"grid: ablation names methods the preset lacks: {unknown}")
     if preset["engine"] not in ("simulation", "deployment"):
         raise ConfigError(f"grid: engine={preset['engine']!r} (use simulation or deployment)")
     return preset

@@ -208,9 +208,11 @@ def test_multirun_sweep_runs_one_federation_per_job(digits_cache, tmp_path):
 
 
 def test_fedka_fisher_deployment_and_its_boundary_audit(digits_cache, tmp_path):
-    """A real FedKA run whose sources are merged by their float16 Fishers. The audit of every
-    message crossing the SuperLink holds only model weights, the sources' Fishers, 64 target
-    embeddings of 800 features, and named scalars."""
+    """A real FedKA run with all its blocks (disentangler, MK-MMD, vote) and class-aware
+    alignment, whose sources are merged by their float16 Fishers. The audit of every message
+    crossing the SuperLink holds only model weights, the sources' Fishers, 64 target embeddings
+    of 800 features, the target's class statistics (10 means, a pooled variance, a 10-long mask)
+    and named scalars: no discriminator, label or per-sample prediction."""
     marker = uuid.uuid4().hex
     args = overrides(
         digits_cache,
@@ -221,6 +223,9 @@ def test_fedka_fisher_deployment_and_its_boundary_audit(digits_cache, tmp_path):
         "strategy.finetune_steps=8",
         "strategy.fisher.samples=64",
         "strategy.fisher.transport=float16",
+        "strategy.disentangle.enabled=true",
+        "strategy.class_align.enabled=true",
+        "strategy.class_align.min_count=4",
         "wandb.mode=disabled",
     )
     done = run_cli(["run", *args], marker)
@@ -230,6 +235,8 @@ def test_fedka_fisher_deployment_and_its_boundary_audit(digits_cache, tmp_path):
     assert [row["round"] for row in lines] == [0, 1, 2]
     assert all(isinstance(row["vote_agreement"], float) for row in lines[1:])
     assert all(isinstance(row["mmd"], float) for row in lines[1:])
+    assert all(isinstance(row["domain_loss"], float) for row in lines[1:])
+    assert lines[1]["class_stats_classes"] >= 1 and isinstance(lines[2]["class_align_loss"], float)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["final_target_accuracy"] > summary["initial_target_accuracy"] + 0.1
     from fedalign.models import build_model, get_weights
@@ -250,6 +257,8 @@ def test_fedka_fisher_deployment_and_its_boundary_audit(digits_cache, tmp_path):
                 assert {dtype for dtype, _ in arrays.values()} == {"float16"}, row
             elif name == "fisher-scale":
                 assert set(arrays) == set(params), row
+            elif name == "class-stats":
+                assert shapes == {"means": [10, 800], "variance": [800], "present": [10]}, row
             else:
                 assert name == "arrays" or name.startswith("model."), row
                 assert shapes == weights, row
@@ -258,4 +267,7 @@ def test_fedka_fisher_deployment_and_its_boundary_audit(digits_cache, tmp_path):
     assert len(trained) == 4  # 2 sources x 2 rounds, each with its Fisher
     assert all(set(r["arrays"]) == {"arrays", "fisher", "fisher-scale"} for r in trained)
     assert all(set(r.get("arrays", {})) <= {"arrays", "fisher", "fisher-scale"} for r in replies)
+    stats = [(r["direction"], r["type"]) for r in audit if "class-stats" in r.get("arrays", {})]
+    # the target's statistics of rounds 1 and 2; the sources receive round 1's in round 2
+    assert sorted(stats) == [("received", "train.vote")] * 2 + [("sent", "train")] * 2
     assert marked_pids(marker) == []

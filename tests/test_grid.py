@@ -66,16 +66,21 @@ def test_smoke_grid_runs_resumes_and_tabulates(tmp_path, digits_cache):
 
 def test_presets_cover_the_grid():
     full = load_preset("full")
-    assert len(cells(full)) == 5 * 7 * 3
+    assert len(cells(full)) == 5 * 11 * 3
     assert set(full["methods"]) == {
         "fedavg",
         "fedprox",
         "fedbn",
         "fisher",
         "fedvote",
+        "fedvote_mmd",
+        "fedvote_dis",
+        "fedvote_class",
         "fedka",
-        "fedka_fisher",
+        "fedka_class",
+        "fedvote_mmd_fisher",
     }
+    assert {"fedavg", "fedvote", "fedka", "fedka_class"} <= set(full["ablation"])
     assert len(cells(load_preset("smoke"))) == 2 * 2 * 1
     with pytest.raises(ConfigError, match="no preset 'huge'"):
         load_preset("huge")
@@ -138,3 +143,73 @@ def test_a_cell_run_with_other_settings_is_stale(tmp_path):
     del older["updates"]  # a run from before the setting existed: its default then applies
     assert ran_with(older)
     assert is_complete(cell)  # without an expectation only the status counts
+
+
+def test_a_block_that_is_off_compares_as_absent():
+    from fedalign.results import same_settings
+
+    defaults = {"strategy": {"mmd_weight": 1.0, "extra": {"enabled": True, "weight": 0.1}}}
+    old = {"strategy": {"mmd_weight": 1.0}}  # ran before the block existed
+    off = {"strategy": {"mmd_weight": 1.0, "extra": {"enabled": False, "weight": 0.5}}}
+    on = {"strategy": {"mmd_weight": 1.0, "extra": {"enabled": True, "weight": 0.5}}}
+    assert same_settings(old, off, defaults)
+    assert same_settings(off, old, defaults)
+    assert not same_settings(old, on, defaults)  # the block learns otherwise than its default
+    assert not same_settings(off, on, defaults)
+
+
+@pytest.mark.parametrize("name", ["full", "fedka-val-syn", "fedka-val-svhn"])
+def test_every_committed_run_record_is_current(name):
+    """A committed cell that a preset would run again is a results table out of date."""
+    from fedalign.results import cell_dir, is_complete
+    from server.experiments import default_config, expected_config
+
+    preset = load_preset(name)
+    root = Path(__file__).resolve().parents[1] / "results"
+    stale = []
+    for target, method, seed in cells(preset):
+        path = cell_dir(root, name, target, method, seed)
+        if is_complete(path) and not is_complete(
+            path, expected_config(preset, target, method, seed), default_config(preset, method)
+        ):
+            stale.append(f"{target}/{method}/seed{seed}")
+    assert not stale
+
+
+def test_ablation_table_averages_targets_and_reports_group_effect_and_cost():
+    from fedalign.results import ablation_table
+
+    preset = {"targets": ["a", "b"], "seeds": [0, 1], "ablation": {"v": "vote", "f": "none"}}
+
+    def row(method, target, seed, acc, effect):
+        return {
+            "method": method,
+            "target": target,
+            "seed": seed,
+            "last5_accuracy": acc,
+            "group_effect": effect,
+            "seconds_per_round": 2.0 + seed,
+            "mb_sent_per_round": 1.0,
+            "mb_received_per_round": 0.5,
+        }
+
+    rows = [
+        row("v", "a", 0, 0.8, 0.02),
+        row("v", "b", 0, 0.6, 0.04),
+        row("v", "a", 1, 0.9, 0.06),
+        row("v", "b", 1, 0.7, 0.08),
+        row("f", "a", 0, 0.5, None),  # seed 0 of b and all of seed 1 missing
+    ]
+    table = ablation_table(rows, preset).splitlines()
+    assert table[2] == "| v | vote | 75.0 ± 7.1 | +5.0 | 2.5 | 1.50 |"
+    assert table[3] == "| f | none | — | — | 2.0 | 1.50 |"
+
+
+def test_a_preset_ablation_must_name_its_methods(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "name: p\nengine: simulation\ntargets: [usps]\nmethods: {a: []}\nseeds: [0]\n"
+        "overrides: []\nablation: {b: vote}\n"
+    )
+    with pytest.raises(ConfigError, match=r"ablation names methods the preset lacks: \['b'\]"):
+        load_preset(str(path))
