@@ -224,7 +224,10 @@ def cost_table(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
         if not mine:
             lines.append(f"| {method} | 0 | — | — | — |")
             continue
-        mean = {k: statistics.fmean(r[k] for r in mine) for k in COLUMNS[-3:]}
+        mean = {
+            k: statistics.fmean(r[k] for r in mine)
+            for k in ("wall_seconds", "mb_sent_per_round", "mb_received_per_round")
+        }
         lines.append(
             f"| {method} | {len(mine)} | {mean['wall_seconds']:.0f} | "
             f"{mean['mb_sent_per_round']:.2f} | {mean['mb_received_per_round']:.2f} |"

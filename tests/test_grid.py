@@ -213,3 +213,18 @@ def test_a_preset_ablation_must_name_its_methods(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"ablation names methods the preset lacks: \['b'\]"):
         load_preset(str(path))
+
+
+def test_cost_table_ignores_columns_a_method_does_not_have():
+    from fedalign.results import cost_table
+
+    row = {
+        "method": "fedavg",
+        "wall_seconds": 90.0,
+        "mb_sent_per_round": 3.0,
+        "mb_received_per_round": 2.0,
+        "seconds_per_round": None,
+        "group_effect": None,  # FedAvg has no vote, so no Group Effect
+    }
+    table = cost_table([row], {"methods": {"fedavg": []}}).splitlines()
+    assert table[2] == "| fedavg | 1 | 90 | 3.00 | 2.00 |"
