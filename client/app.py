@@ -6,6 +6,8 @@ Handlers (Flower message types):
   locally (with FedKA's alignment term when target embeddings come along), reply with weights.
 - ``evaluate``: evaluate the received weights on the local test split.
 - ``query.embed`` / ``train.vote`` (target silo, FedKA): see ``client/target.py``.
+On a deployment, the ``warm.forward`` mod hands every message to the silo's long-lived runtime
+(``client/silo_runtime.py``) when one serves this silo, so the handlers below run there, warm.
 Errors the operator can fix (bad node-config, missing data, mismatched model) come back to the
 server as one-line error replies. Every reply's metrics carry ``handler-seconds`` and, for the
 first message of a process (every message on a deployment: Flower starts a ClientApp process per
@@ -23,13 +25,13 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import runtime, source, state, target
+from client import runtime, source, state, target, warm
 from fedalign.config import ConfigError
 from fedalign.data import DataError
 from strategies.utils import ARRAYS, METRICS, SILO
 
 log = logging.getLogger("fedalign.client")
-app = ClientApp()
+app = ClientApp(mods=[warm.forward])  # a warm silo runtime handles the message when one serves
 
 # Error code for problems the operator can fix; Flower's own codes are below 100.
 OPERATOR_ERROR = 100

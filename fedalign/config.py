@@ -137,6 +137,15 @@ def _validate_security(cfg: DictConfig) -> None:
     )
 
 
+def _validate_silo_runtime(cfg: DictConfig) -> None:
+    """``federation.silo_runtime`` (deployments only): warm silo runtimes on or off."""
+    warm = OmegaConf.select(cfg, "federation.silo_runtime", default=None)
+    _require(
+        warm is None or isinstance(warm, bool),
+        f"federation.silo_runtime={warm!r} (use true or false)",
+    )
+
+
 def _validate_polling(cfg: DictConfig) -> None:
     """Reply polling of the ServerApp and task polling of Flower's executors (seconds)."""
     low = OmegaConf.select(cfg, "federation.reply_poll_min", default=None)
@@ -213,6 +222,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_updates(cfg)
     _validate_polling(cfg)
     _validate_security(cfg)
+    _validate_silo_runtime(cfg)
     _validate_external(cfg)
     if "vote" in cfg.strategy:  # FedKA / FedVote settings
         _choice(cfg, "strategy.start_from", ("finetuned", "averaged"))

@@ -94,9 +94,13 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_in_process(cfg: DictConfig, run_dir: Path, threads: int) -> dict[str, Any]:
+def run_in_process(
+    cfg: DictConfig, run_dir: Path, threads: int, runtime_dir: Path | None = None
+) -> dict[str, Any]:
     """Run ``cfg`` with every silo in this process (torch on ``threads`` threads); returns the
-    summary. The run folder has the same files as a deployed run's."""
+    summary. The run folder has the same files as a deployed run's. With ``runtime_dir``, every
+    silo's messages go through the silo runtime serving that folder (``client/warm.py``), as
+    on a warm deployment but without Flower's processes."""
     from flwr.supercore.task_identity import TaskIdentity
     from omegaconf import OmegaConf
 
@@ -110,6 +114,8 @@ def run_in_process(cfg: DictConfig, run_dir: Path, threads: int) -> dict[str, An
         nodes[index] = {"domain": silo.domain, "role": silo.role, "threads": threads}
         if cfg.data.cache_dir:
             nodes[index]["data-dir"] = str(cfg.data.cache_dir)
+        if runtime_dir is not None:
+            nodes[index]["runtime-dir"] = str(runtime_dir)
     grid = InProcessGrid(client_app, nodes, run_config={"config-json": to_json(cfg)})
     config = OmegaConf.to_container(cfg, resolve=True)
     recorder = RunRecorder(run_dir, config, cfg.data.target)

@@ -94,6 +94,10 @@ class LocalFederation:
         self.tls = bool(OmegaConf.select(cfg, "federation.tls", default=False))
         self.auth = bool(OmegaConf.select(cfg, "federation.auth", default=False))
         self.certs: dict[str, Path] = {}
+        # one warm runtime per silo (client/silo_runtime.py); false: Flower's cold ClientApps
+        self.warm = not self.simulation and bool(
+            OmegaConf.select(cfg, "federation.silo_runtime", default=True)
+        )
 
     # ------------------------------------------------------------------------- security
     def prepare_certificates(self) -> None:
@@ -184,12 +188,49 @@ class LocalFederation:
                     f"{silo.domain} --role {silo.role} --data <its folder> ...`"
                 )
                 continue
-            self.procs.start(
+            supernode = self.procs.start(
                 f"silo-{silo.domain}",
                 self.supernode_argv(i, silo),
                 self.logs / f"silo-{silo.domain}.log",
             )
             self.echo(f"SuperNode for silo {silo.domain} ({silo.role}) started")
+            if self.warm:
+                self.start_runtime(silo, supernode.popen.pid)
+        if self.warm:
+            self.wait_runtimes()
+
+    def runtime_dir(self, silo: Silo) -> Path:
+        """Silo ``silo``'s runtime folder: inside this run's own short-lived FLWR_HOME."""
+        return self.flwr_home / "runtime" / silo.domain
+
+    def start_runtime(self, silo: Silo, supernode_pid: int) -> None:
+        """The silo's warm runtime (``client/silo_runtime.py``); it exits with its SuperNode."""
+        argv = [sys.executable, "-m", "client.silo_runtime", "--dir", str(self.runtime_dir(silo))]
+        argv += ["--watch-pid", str(supernode_pid)]
+        self.procs.start(f"runtime-{silo.domain}", argv, self.logs / f"runtime-{silo.domain}.log")
+
+    def wait_runtimes(self) -> None:
+        """Wait until every silo runtime serves (its socket exists); one that does not in
+        time leaves its silo's ClientApps to do the work cold, as each of them logs."""
+        from client.warm import SOCKET
+
+        deadline = time.monotonic() + float(self.fed.startup_timeout)
+        waiting = [p for p in self.procs.processes if p.name.startswith("runtime-")]
+        while waiting and time.monotonic() < deadline:
+            for proc in list(waiting):
+                domain = proc.name.removeprefix("runtime-")
+                if (self.flwr_home / "runtime" / domain / SOCKET).exists():
+                    waiting.remove(proc)
+                elif proc.exited() is not None:
+                    proc.reported = True
+                    self.echo(f"warning: {exit_text(proc)}; silo {domain} works cold")
+                    waiting.remove(proc)
+            time.sleep(0.1)
+        if waiting:
+            names = ", ".join(p.name for p in waiting)
+            self.echo(f"warning: {names} not ready within {self.fed.startup_timeout}s")
+        else:
+            self.echo("silo runtimes ready: every silo handles its messages warm")
 
     def supernode_argv(self, index: int, silo: Silo) -> list[str]:
         """The ``flower-supernode`` command line of silo ``index``."""
@@ -200,6 +241,8 @@ class LocalFederation:
         }
         if self.cfg.data.cache_dir:
             node_config["data-dir"] = str(self.cfg.data.cache_dir)
+        if self.warm:
+            node_config["runtime-dir"] = str(self.runtime_dir(silo))
         security = ["--insecure"]
         if self.tls:
             security = ["--root-certificates", str(self.certs["ca"])]
@@ -221,11 +264,8 @@ class LocalFederation:
     def _wait_healthy(self, proc: Any, host: str, port: int) -> None:
         deadline = time.monotonic() + float(self.fed.startup_timeout)
         while time.monotonic() < deadline:
-            if proc.exited() is not None:
-                raise LaunchError(
-                    f"flower-superlink exited with code {proc.exited()}: {proc.last_line()} "
-                    f"(log: {proc.log_path})"
-                )
+            if proc.exited() is not None:  # a signal: no log line; a code: its last line
+                raise LaunchError(exit_text(proc).replace(proc.name, "the SuperLink", 1))
             scheme, context = "http", None
             if self.tls:
                 scheme, context = "https", ssl.create_default_context(cafile=self.certs["ca"])
@@ -351,7 +391,7 @@ def launch(cfg: DictConfig, run_dir: Path, echo: Any = print) -> dict[str, Any]:
             status = federation.submit(verbose=verbose)
             crash = federation.crash()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM; the federation is down by now
-        if (run_dir / "summary.json").exists():
+        if run_dir.is_dir():  # also before the ServerApp wrote a summary.json
             mark_summary(run_dir, "interrupted", "interrupted by Ctrl-C or SIGTERM")
         raise
     if crash:
