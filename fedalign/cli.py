@@ -154,7 +154,9 @@ def print_results(run_dir: Path, console: Any) -> None:
     lines = [json.loads(row) for row in (run_dir / "metrics.jsonl").read_text().splitlines() if row]
     summary = json.loads((run_dir / "summary.json").read_text())
     target = summary["target"]
-    others = sorted({d for row in lines for d in row["silos"]} - {target})
+    # a silo that left before it reported anything is only in the rounds' dropped/absent lists
+    named = [[*row["silos"], *row.get("dropped", []), *row.get("absent", [])] for row in lines]
+    others = sorted({d for names in named for d in names} - {target})
     many = len(others) > MAX_SILO_LINES  # data.shards: the sources' mean, not a column each
     columns = [f"mean of {len(others)} sources"] if many else others
     table = Table(title=f"target: {target} (unseen domain)")

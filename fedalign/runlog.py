@@ -61,6 +61,14 @@ def source_accuracies(line: dict[str, Any], sources: list[str]) -> list[float]:
     ]
 
 
+def configured_silos(config: dict[str, Any]) -> list[str]:
+    """The silo names a resolved config sets up (``fedalign.config.silos``), or none when it
+    has no ``data`` section (a recorder made by a unit test)."""
+    from fedalign.config import silos
+
+    return [silo.domain for silo in silos(config)] if "data" in config else []
+
+
 def mean_and_range(values: list[float]) -> tuple[float, float, float]:
     """Mean, minimum and maximum of a non-empty list (many silos shown as one band)."""
     return sum(values) / len(values), min(values), max(values)
@@ -98,6 +106,7 @@ class RunRecorder:
         self.round_info: dict[int, dict[str, float]] = defaultdict(dict)
         self.round_metrics: dict[int, dict[str, float]] = defaultdict(dict)
         self.lines: list[dict[str, Any]] = []
+        self.configured = configured_silos(config)
         self.start = time.perf_counter()
         self._plotted = self.start
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -255,6 +264,13 @@ class RunRecorder:
             self.run_dir / "metrics.jsonl", "".join(json.dumps(x) + "\n" for x in self.lines)
         )
 
+    def not_finished(self, last: dict[str, Any]) -> list[str]:
+        """The configured silos with no test accuracy in ``last``, the last metrics line: they
+        did not evaluate the final model (one dropped from the last round's training that
+        evaluated it all the same has finished)."""
+        known = self.configured or sorted({d for line in self.lines for d in line["silos"]})
+        return sorted(d for d in known if "test-accuracy" not in last.get("silos", {}).get(d, {}))
+
     def finish(self, status: str, error: str | None = None, **extra: Any) -> dict[str, Any]:
         """Write ``summary.json`` and ``accuracy.png`` (also on failure), close the tracker."""
         if self.lines:
@@ -279,8 +295,7 @@ class RunRecorder:
                 d: m.get("test-accuracy")
                 for d, m in (self.lines[-1]["silos"] if self.lines else {}).items()
             },
-            # silos that did not evaluate the final model (dropped or absent in the last round)
-            "silos_not_finished": sorted({*last.get("dropped", []), *last.get("absent", [])}),
+            "silos_not_finished": self.not_finished(last),
             "wall_seconds": round(time.perf_counter() - self.start, 3),
             "bytes_sent": sum(row["bytes_sent"] for row in self.lines),
             "bytes_received": sum(row["bytes_received"] for row in self.lines),

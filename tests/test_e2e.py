@@ -121,6 +121,7 @@ def test_port_in_use_is_one_line_and_starts_nothing(digits_cache, tmp_path):
     assert done.stderr.strip().count("\n") == 0
     assert f"port {busy} on 127.0.0.1 is already in use" in done.stderr
     assert marked_pids(marker) == []
+    assert list(tmp_path.iterdir()) == []  # output.root: no run folder, not even Hydra's
 
 
 def test_unreachable_silo_fails_cleanly(digits_cache, tmp_path, monkeypatch):

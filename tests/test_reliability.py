@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -127,10 +128,26 @@ def test_silo_killed_for_good_is_recorded_in_every_later_round(digits_cache, tmp
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["silos_not_finished"] == ["usps"]
     assert "warning: silo-usps exited with signal 9 (SIGKILL) (log: " in out
+    assert table_cell(out, 1, "usps") in ("dropped", "absent"), out[-3000:]  # not "-"
     assert carrying("FEDALIGN_TEST_MARK", marker) == []
+    assert list(tmp_path.rglob(".hydra")) == []  # Hydra's unused run folder was removed
 
 
-def test_ctrl_c_is_recorded_as_interrupted(digits_cache, tmp_path):
+def table_cell(out: str, rnd: int, column: str) -> str:
+    """The cell of round ``rnd`` under ``column`` in the final table ``fedalign run`` printed."""
+    rows = [[c.strip() for c in re.split("[│┃]", r)[1:-1]] for r in out.splitlines()]
+    header = next(r for r in rows if r and r[0] == "round")
+    return next(r for r in rows if r and r[0] == str(rnd))[header.index(column)]
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "round 2/5: training on",  # round 1 is in the run folder
+        "SuperLink up on",  # before the ServerApp runs: no summary.json yet
+    ],
+)
+def test_ctrl_c_is_recorded_as_interrupted(digits_cache, tmp_path, when):
     marker = uuid.uuid4().hex
     run_dir = tmp_path / "run"
     argv = [
@@ -149,7 +166,7 @@ def test_ctrl_c_is_recorded_as_interrupted(digits_cache, tmp_path):
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
     ) as run:
         for line in run.stdout:
-            if "round 2/5: training on" in line:  # round 1 is in the run folder
+            if when in line:
                 run.send_signal(signal.SIGINT)
                 break
         _, err = run.communicate(timeout=120)
@@ -159,6 +176,7 @@ def test_ctrl_c_is_recorded_as_interrupted(digits_cache, tmp_path):
     assert summary["status"] == "interrupted", summary
     assert summary["error"] == "interrupted by Ctrl-C or SIGTERM"
     assert carrying("FEDALIGN_TEST_MARK", marker) == []
+    assert list(tmp_path.rglob(".hydra")) == []  # Hydra's unused run folder was removed
 
 
 def server_pids(marker: str, name: str) -> list[int]:
@@ -228,20 +246,22 @@ def test_superlink_killed_mid_run_resumes_to_identical_weights(digits_cache, tmp
     lines_before = (crashed / "metrics.jsonl").read_text()
     first_log = (logs / "server.log").read_text()
 
-    corrupt = tmp_path / "corrupt"
+    corrupt = root / "corrupt"  # a second unfinished run, its checkpoint the newer one
     shutil.copytree(crashed, corrupt)
     data = bytearray(saved)
     data[len(data) // 2] ^= 0xFF
     (corrupt / "checkpoint.npz").write_bytes(bytes(data))
-    done = fedalign("run", *port_overrides(3), f"resume={corrupt}")  # its own config.yaml
+    # resume=true: the newest unfinished run under output.root, with its own config (no base)
+    done = fedalign("run", *port_overrides(3), "resume=true", f"output.root={root}")
     assert done.returncode == 1
     error = [row for row in done.stderr.splitlines() if row.strip()]
     assert len(error) == 1 and "it was not loaded" in error[0], done.stderr
+    assert f"checkpoint {corrupt / 'checkpoint.npz'} is unreadable" in error[0]  # the newest
     assert (corrupt / "checkpoint.npz").read_bytes() == bytes(data)  # reported, left as it was
     assert (corrupt / "metrics.jsonl").read_text() == lines_before
 
-    # resume=true: the newest unfinished run under output.root, with its own config (no base)
-    done = fedalign("run", *port_overrides(3), "resume=true", f"output.root={root}")
+    # resume=<run folder>: that run, with its own config.yaml (no base)
+    done = fedalign("run", *port_overrides(3), f"resume={crashed}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming" in done.stdout and "after round 1 of 2" in done.stdout
     with np.load(reference / "final_weights.npz") as a, np.load(crashed / "final_weights.npz") as b:
@@ -252,5 +272,5 @@ def test_superlink_killed_mid_run_resumes_to_identical_weights(digits_cache, tmp
     assert rounds == [0, 1, 2]
     assert (logs / "server.1.log").read_text() == first_log  # the first attempt's log is kept
     assert "resuming after round 1" in (logs / "server.log").read_text()
-    assert list(cwd.rglob(".hydra")) == [] and list(root.iterdir()) == [crashed]
+    assert list(cwd.rglob(".hydra")) == [] and sorted(root.iterdir()) == [corrupt, crashed]
     assert server_pids(marker, "flower") == []
