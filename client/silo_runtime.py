@@ -20,6 +20,7 @@ removes the socket and key, and exits: no orphans.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -34,11 +35,18 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
-from client.warm import KEY, PROTOCOL, SERVING, SOCKET, code_fingerprint
+from client.warm import (
+    KEY,
+    PROTOCOL,
+    RUNTIME_DIR_ENV,
+    SERVING,
+    SOCKET,
+    code_fingerprint,
+    socket_address,
+)
 
 log = logging.getLogger("fedalign.runtime")
 
-MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes on Linux
 MAX_RESTARTS = 5  # worker deaths within RESTART_WINDOW seconds before the supervisor gives up
 RESTART_WINDOW = 60.0
 WATCH_SECONDS = 0.5  # how often the supervisor looks at its worker and the watched process
@@ -50,11 +58,6 @@ class RuntimeSetupError(Exception):
 
 def prepare_folder(folder: Path) -> None:
     """Create ``folder`` owner-only, or check that an existing one is ours and make it so."""
-    if len(str(folder / SOCKET)) > MAX_SOCKET_PATH:
-        raise RuntimeSetupError(
-            f"runtime folder {folder} is too long for a Unix socket path "
-            f"(at most {MAX_SOCKET_PATH - len(SOCKET) - 1} characters); choose a shorter one"
-        )
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         if folder.stat().st_uid != os.getuid():
@@ -111,6 +114,7 @@ def handle(conn: Connection, fingerprint: str, fresh_seed: int) -> None:
     from flwr.proto.message_pb2 import Message as ProtoMessage
 
     from client.app import app
+    from strategies.utils import CONFIG
 
     hello = json.loads(conn.recv_bytes())
     if hello.get("protocol") != PROTOCOL or hello.get("code") != fingerprint:
@@ -124,6 +128,8 @@ def handle(conn: Connection, fingerprint: str, fresh_seed: int) -> None:
     conn.send_bytes(json.dumps({"serve": True}).encode())
     message = message_from_proto(ProtoMessage.FromString(conn.recv_bytes()))
     context = context_from_proto(ProtoContext.FromString(conn.recv_bytes()))
+    rnd = message.content[CONFIG].get("server-round") if CONFIG in message.content else None
+    log.info("handling %s (round %s)", message.metadata.message_type, rnd)
     torch.manual_seed(fresh_seed)  # what a fresh ClientApp process would start from
     try:
         reply = app(message, context)
@@ -147,6 +153,17 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def listen(folder: Path, key: bytes, stack: contextlib.ExitStack) -> Listener:
+    """Bind the socket (0600) in ``folder``; ``stack`` keeps what it needs open."""
+    (folder / SOCKET).unlink(missing_ok=True)
+    address = stack.enter_context(socket_address(folder))
+    previous = os.umask(0o177)
+    try:
+        return stack.enter_context(Listener(address, family="AF_UNIX", authkey=key))
+    finally:
+        os.umask(previous)
+
+
 def serve(folder: Path) -> None:
     """The worker: warm up, then serve one message per connection until killed."""
     _exit_with_parent()
@@ -154,20 +171,15 @@ def serve(folder: Path) -> None:
     fresh_seed = warm_up()
     fingerprint = code_fingerprint()
     key = write_key(folder)
-    (folder / SOCKET).unlink(missing_ok=True)
-    previous = os.umask(0o177)  # the socket file is created 0600
-    try:
-        listener = Listener(str(folder / SOCKET), family="AF_UNIX", authkey=key)
-    finally:
-        os.umask(previous)
-    SERVING[0] = True
-    log.info(
-        "silo runtime ready at %s in %.1f s (code %s)",
-        folder / SOCKET,
-        time.time() - started,
-        fingerprint[:12],
-    )
-    with listener:
+    with contextlib.ExitStack() as stack:
+        listener = listen(folder, key, stack)
+        SERVING[0] = True
+        log.info(
+            "silo runtime ready at %s in %.1f s (code %s)",
+            folder / SOCKET,
+            time.time() - started,
+            fingerprint[:12],
+        )
         while True:
             try:
                 conn = listener.accept()
@@ -204,23 +216,47 @@ def _describe(code: int) -> str:
     return f"code {code}"
 
 
-def supervise(folder: Path, watch_pid: int | None) -> int:
-    """Keep a worker alive until ``watch_pid`` exits or SIGTERM; return the exit code."""
+def supervise(folder: Path, watch_pid: int | None = None, command: list[str] | None = None) -> int:
+    """Keep a worker alive until the watched process exits or SIGTERM; return the exit code.
+
+    Parameters
+    ----------
+    folder : Path
+        The runtime folder (socket and key).
+    watch_pid : int, optional
+        Stop when this process (the silo's SuperNode) is gone.
+    command : list of str, optional
+        Run this command (e.g. the silo's ``flower-superexec``) as a child with
+        ``FEDALIGN_RUNTIME_DIR`` set, watch it instead, and return its exit code: a container's
+        executor and its runtime then live and die together.
+    """
     prepare_folder(folder)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    child = None
+    if command:
+        env = {**os.environ, RUNTIME_DIR_ENV: str(folder)}
+        try:
+            child = subprocess.Popen(command, env=env)
+        except OSError as exc:
+            raise RuntimeSetupError(f"cannot start {command[0]}: {exc}") from None
     deaths: deque[float] = deque()
     argv = [sys.executable, "-m", "client.silo_runtime", "--serve", "--dir", str(folder)]
     code = 0
     while not stopping.is_set():
         worker = subprocess.Popen(argv)
         while worker.poll() is None and not stopping.is_set():
-            if not _alive(watch_pid):
+            if child is not None and child.poll() is not None:
+                log.info(
+                    "%s exited (%s); the runtime stops", command[0], _describe(child.returncode)
+                )
+                stopping.set()
+            elif not _alive(watch_pid):
                 log.info("the silo's SuperNode (pid %d) is gone; the runtime stops", watch_pid)
                 stopping.set()
-                break
-            stopping.wait(WATCH_SECONDS)
+            else:
+                stopping.wait(WATCH_SECONDS)
         if stopping.is_set():
             _stop(worker)
             break
@@ -230,7 +266,7 @@ def supervise(folder: Path, watch_pid: int | None) -> int:
             deaths.popleft()
         if len(deaths) > MAX_RESTARTS:
             log.error(
-                "the silo runtime's worker died %d times within %.0f s (last: %s); giving up: "
+                "the runtime's worker died %d times within %.0f s (last: %s); giving up: "
                 "the ClientApps do the work themselves",
                 len(deaths),
                 RESTART_WINDOW,
@@ -240,6 +276,9 @@ def supervise(folder: Path, watch_pid: int | None) -> int:
             break
         log.warning("the runtime's worker exited (%s); restarting it", _describe(worker.returncode))
     clean(folder)
+    if child is not None:
+        _stop(child)  # on SIGTERM: pass it on; when it exited by itself: reap it
+        code = child.returncode if child.returncode >= 0 else 128 - child.returncode
     return code
 
 
@@ -254,18 +293,22 @@ def _stop(worker: subprocess.Popen) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``fedalign silo runtime --dir DIR [--silo NAME] [--watch-pid PID] [-- COMMAND ...]``."""
     parser = argparse.ArgumentParser(
         prog="fedalign silo runtime", description="a warm runtime for one silo's ClientApps"
     )
     parser.add_argument("--dir", required=True, type=Path, help="the silo's runtime folder")
-    parser.add_argument(
-        "--watch-pid", type=int, help="exit when this process (the SuperNode) is gone"
-    )
+    parser.add_argument("--silo", help="the silo's name in log lines (default: the folder's)")
+    parser.add_argument("--watch-pid", type=int, help="exit when this process (a SuperNode) exits")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "command", nargs=argparse.REMAINDER, help="after --: run this (the executor) with it"
+    )
     args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     logging.basicConfig(
         level=logging.INFO,
-        format=f"%(asctime)s runtime[{args.dir.name}] %(levelname)s %(message)s",
+        format=f"%(asctime)s runtime[{args.silo or args.dir.name}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
     try:
@@ -274,9 +317,11 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
             serve(args.dir)
             return 0
-        return supervise(args.dir, args.watch_pid)
+        return supervise(args.dir, args.watch_pid, command or None)
     except RuntimeSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if command and not args.serve:  # the executor still runs: its ClientApps work cold
+            os.execvpe(command[0], command, {**os.environ})
         return 2
 
 

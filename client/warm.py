@@ -20,13 +20,14 @@ This module must not import torch: on the warm path the ClientApp process only f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
@@ -37,6 +38,7 @@ log = logging.getLogger("fedalign.client")
 
 RUNTIME_DIR_ENV = "FEDALIGN_RUNTIME_DIR"
 SOCKET, KEY = "runtime.sock", "runtime.key"
+MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes on Linux
 PROTOCOL = 1
 RUNTIME_LOST = 101  # error code of a reply whose runtime died while working on it
 PACKAGES = ("client", "fedalign", "strategies")  # the code a runtime must share with the app
@@ -64,11 +66,28 @@ def code_fingerprint(root: str | None = None) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def socket_address(folder: Path) -> Iterator[str]:
+    """The address of the socket in ``folder``. A path longer than AF_UNIX allows (107 bytes)
+    is reached through an open handle of the folder (``/proc/self/fd/N/``), so any folder
+    serves."""
+    path = str(folder / SOCKET)
+    if len(path) <= MAX_SOCKET_PATH:
+        yield path
+        return
+    handle = os.open(folder, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{handle}/{SOCKET}"
+    finally:
+        os.close(handle)
+
+
 def connect(folder: Path) -> Connection:
     """An authenticated connection to the runtime in ``folder`` (OSError or
     AuthenticationError when it cannot be had)."""
     key = (folder / KEY).read_bytes()
-    return Client(str(folder / SOCKET), family="AF_UNIX", authkey=key)
+    with socket_address(folder) as address:
+        return Client(address, family="AF_UNIX", authkey=key)
 
 
 def _domain(context: Context) -> str:

@@ -31,8 +31,16 @@ LEAVES = {
 
 
 def silo_command(argv: list[str]) -> None:
+    if argv[:1] == ["runtime"]:  # its own parser: client/silo_runtime.py
+        from client.silo_runtime import main as runtime_main
+
+        sys.exit(runtime_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="fedalign silo")
     sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser(
+        "runtime",
+        help="a warm runtime for this silo's ClientApps (--dir DIR [--watch-pid PID] [-- CMD])",
+    )
     check = sub.add_parser("check", help="validate a site's data and show what it would share")
     check.add_argument("path", type=Path, help="the silo's data folder (or .npz file)")
     check.add_argument("--domain", help="the silo's domain name (default: the folder's name)")
@@ -54,6 +62,12 @@ def silo_command(argv: list[str]) -> None:
         help="seconds to keep trying to reach the SuperLink before giving up (default: 60)",
     )
     join.add_argument("--state-dir", type=Path, help="where the silo keeps state between rounds")
+    join.add_argument(
+        "--runtime",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a warm runtime handles the silo's messages (default; --no-runtime: cold ClientApps)",
+    )
     join.add_argument(
         "--dry-run", action="store_true", help="print the command and a compose env file only"
     )
@@ -238,6 +252,9 @@ def _silo_join(args: argparse.Namespace, kind: str, domain: str) -> None:
         f'data-dir="{args.data.resolve()}"'
         + (f' state-dir="{args.state_dir.resolve()}"' if args.state_dir else "")
     )
+    runtime = runtime_folder(args, domain) if args.runtime else None
+    if runtime is not None:
+        node_config += f' runtime-dir="{runtime}"'
     security = ["--insecure"]
     if args.root_certificates:
         security = ["--root-certificates", str(args.root_certificates.resolve())]
@@ -258,6 +275,8 @@ def _silo_join(args: argparse.Namespace, kind: str, domain: str) -> None:
         f"{args.connect_timeout:g}",
     ]
     print("command: " + shlex.join(["flower-supernode", *argv[1:]]))
+    if runtime is not None:
+        print(f"and its warm runtime: fedalign silo runtime --dir {runtime} --watch-pid <its pid>")
     if args.dry_run:
         print("or with Docker, docker/silo.env for docker/silo.compose.yml (docs/containers.md):")
         print(f"  FEDALIGN_SUPERLINK={args.superlink}")
@@ -270,14 +289,27 @@ def _silo_join(args: argparse.Namespace, kind: str, domain: str) -> None:
     sys.stdout.flush()
     env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    code, output = _run_supernode(argv, env)
+    code, output = _run_supernode(argv, env, runtime, domain)
     if code != 0:
         fail(connect_failure(args.superlink, args.connect_timeout, output))
 
 
-def _run_supernode(argv: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run the SuperNode, echo its output, and stop it and every helper it spawned (also on
-    Ctrl-C); returns its exit code and its last output lines."""
+def runtime_folder(args: argparse.Namespace, domain: str) -> Path:
+    """The silo's runtime folder: under --state-dir, else the default silo state folder."""
+    from client.state import STATE_DIR_ENV
+    from fedalign.data.cache import default_cache_dir
+
+    chosen = args.state_dir or os.environ.get(STATE_DIR_ENV)
+    root = Path(chosen).resolve() if chosen else default_cache_dir() / "silo-state"
+    return root / "runtime" / domain
+
+
+def _run_supernode(
+    argv: list[str], env: dict[str, str], runtime: Path | None, domain: str
+) -> tuple[int, list[str]]:
+    """Run the SuperNode (and its warm runtime, when ``runtime`` names its folder), echo its
+    output, and stop it and every helper it spawned (also on Ctrl-C); returns its exit code
+    and its last output lines."""
     import subprocess
     import threading
 
@@ -308,6 +340,12 @@ def _run_supernode(argv: list[str], env: dict[str, str]) -> tuple[int, list[str]
             start_new_session=True,  # Ctrl-C reaches us; we stop it and its helpers
         )
         procs.processes.append(ManagedProcess("supernode", popen, Path(os.devnull)))
+        if runtime is not None:
+            log = runtime.parent / f"{domain}.log"
+            command = [sys.executable, "-m", "client.silo_runtime", "--dir", str(runtime)]
+            command += ["--silo", domain, "--watch-pid", str(popen.pid)]
+            procs.start("runtime", command, log)
+            print(f"silo runtime for {domain} starting (log: {log})", flush=True)
         # Its helpers (flower-superexec) inherit the pipe: the SuperNode's exit, not the
         # pipe's end, says it is done.
         reader = threading.Thread(target=echo, args=(popen.stdout,), daemon=True)
