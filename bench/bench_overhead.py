@@ -4,7 +4,10 @@ Runs, one after the other in this invocation, the default benchmark (Digits-5, t
 digit CNN, 60 local steps) for ``--rounds`` rounds as:
 
 * ``deployed``: ``fedalign run`` on this machine (SuperLink, one SuperNode per silo, a fresh
-  ClientApp process per message), with fedalign's settings;
+  ClientApp process per message that hands the message to the silo's warm runtime), with
+  fedalign's settings;
+* ``cold``: the same without silo runtimes (``federation.silo_runtime=false``): each fresh
+  ClientApp process imports torch, loads the data and does the work itself, as before issue #15;
 * ``earlier-polling``: the same, with fedalign's polling before issue #9 (grid pulls after 0.1 s
   doubling to 1 s, executors poll every 1 s);
 * ``flower-polling``: the same, with Flower's own polling (grid pulls every 3 s, executors poll
@@ -50,6 +53,7 @@ EARLIER_POLLING = [  # fedalign before issue #9: grid pulls 0.1 s doubling to 1 
 ]
 VARIANTS = {  # name -> (strategy for "fedavg", extra overrides, deployed?)
     "deployed": (None, [], True),
+    "cold": (None, ["federation.silo_runtime=false"], True),
     "earlier-polling": (None, EARLIER_POLLING, True),
     "flower-polling": (None, FLOWER_POLLING, True),
     "flower-stock": ("fedavg_stock", FLOWER_POLLING, True),
