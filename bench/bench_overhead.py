@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procmem import Sampler  # bench/ is on sys.path when run as a script
+
 from fedalign.config import compose, validate
 
 THRESHOLDS = (0.6, 0.7, 0.75, 0.8)  # target accuracies for the time-to-accuracy table
@@ -136,9 +138,16 @@ def run_variant(
     validate(cfg)
     run_dir = root / f"{strategy}-{variant}"
     start = time.perf_counter()
+    memory = None
     if deployed:
         use_free_ports(cfg)
-        summary = launch(cfg, run_dir, echo=lambda *_: None)
+        memory = Sampler(os.getpid(), every=1.0, min_free=0)
+        memory.start()
+        try:
+            summary = launch(cfg, run_dir, echo=lambda *_: None)
+        finally:
+            memory.done.set()
+            memory.join()
     else:
         summary = run_in_process(cfg, run_dir, threads=int(cfg.federation.threads_per_silo))
     total = time.perf_counter() - start
@@ -154,6 +163,10 @@ def run_variant(
         "final_target_accuracy": summary["final_target_accuracy"],
         "time_to_accuracy": time_to_accuracy(run_dir),
     }
+    if memory is not None:  # the largest process of each kind (PSS), e.g. a silo's runtime
+        result["peak_mib_by_kind"] = {
+            kind: round(size / 2**20) for kind, size in sorted(memory.peak_by_kind.items())
+        }
     if deployed and name != "fedavg_stock":  # silos run side by side: the slowest one counts
         result["critical_path"] = critical_path(run_dir, str(cfg.data.target))
     result["seconds_per_phase"] = result["mean_round_seconds"] / result["phases_per_round"]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections import defaultdict
 from pathlib import Path
 
 KINDS = (  # command-line fragment -> kind, first match wins
+    ("client.silo_runtime --serve", "runtime"),
+    ("client.silo_runtime", "runtime-supervisor"),
     ("flower-superexec", "superexec"),
     ("flower-supernode", "supernode"),
     ("flower-superlink", "superlink"),
@@ -75,3 +79,30 @@ def available_bytes() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+class Sampler(threading.Thread):
+    """Samples the memory of ``pid``'s process tree every ``every`` seconds until stopped."""
+
+    def __init__(self, pid: int, every: float, min_free: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every, self.min_free = pid, every, min_free
+        self.done = threading.Event()
+        self.peak_total = 0
+        self.peak_by_kind: dict[str, int] = {}  # kind -> largest single process
+        self.peak_count: dict[str, int] = {}
+        self.min_available = available_bytes()
+        self.out_of_memory = False
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            memory = tree_memory(self.pid)
+            self.peak_total = max(self.peak_total, sum(sum(v) for v in memory.values()))
+            for kind, sizes in memory.items():
+                self.peak_by_kind[kind] = max(self.peak_by_kind.get(kind, 0), max(sizes))
+                self.peak_count[kind] = max(self.peak_count.get(kind, 0), len(sizes))
+            self.min_available = min(self.min_available, available_bytes())
+            if self.min_available < self.min_free:
+                self.out_of_memory = True
+                os.killpg(self.pid, signal.SIGTERM)
+                return
