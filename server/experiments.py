@@ -2,8 +2,10 @@
 
 Each cell is one federation run in Flower's simulation engine (``engine: simulation``, the
 default: the same ServerApp and ClientApps as the deployment, measured to give identical
-numbers, without starting six processes per run) or in the local deployment
-(``engine: deployment``). A cell's run folder is ``<root>/<preset>/<target>/<method>/seed<k>``;
+numbers, without starting six processes per run), in the local deployment
+(``engine: deployment``), or in this process (``engine: in-process``, ``server/inprocess.py``:
+no SuperLink, no Ray, silos one after another; bit-identical to the simulation, tested, and
+fastest for small cells). A cell's run folder is ``<root>/<preset>/<target>/<method>/seed<k>``;
 a cell whose summary.json says ``completed`` and whose config.yaml has the settings the preset
 gives it now is skipped; anything else (interrupted, failed, or run before a preset or default
 changed) is run again from scratch, so an interruption loses at most the cell in progress.
@@ -25,6 +27,7 @@ from fedalign.results import cell_dir, is_complete
 from fedalign.runlog import atomic_write_text
 
 PRESET_KEYS = {"name", "engine", "targets", "methods", "seeds", "overrides"}
+ENGINES = ("simulation", "deployment", "in-process")
 OPTIONAL_KEYS = {
     "per_target",  # target -> method -> extra overrides (e.g. from validation)
     "ablation",  # method -> the blocks it has on: the results' ablation table
@@ -50,13 +53,13 @@ def load_preset(name: str) -> dict[str, Any]:
     unknown = sorted(set(preset.get("ablation", {})) - set(preset["methods"]))
     if unknown:
         raise ConfigError(f"grid: ablation names methods the preset lacks: {unknown}")
-    if preset["engine"] not in ("simulation", "deployment"):
-        raise ConfigError(f"grid: engine={preset['engine']!r} (use simulation or deployment)")
+    if preset["engine"] not in ENGINES:
+        raise ConfigError(f"grid: engine={preset['engine']!r} (use {', '.join(ENGINES)})")
     return preset
 
 
 def cell_overrides(preset: dict[str, Any], target: str, method: str, seed: int) -> list[str]:
-    federation = "simulation" if preset["engine"] == "simulation" else "local"
+    federation = "local" if preset["engine"] == "deployment" else "simulation"
     return [
         f"federation={federation}",
         "wandb.mode=disabled",
@@ -138,6 +141,7 @@ def run_grid(preset: dict[str, Any], root: Path, echo: Any = print) -> dict[str,
     )
 
     from fedalign.cli import ensure_data
+    from server.inprocess import run_in_process
     from server.launcher import launch
 
     check(preset)
@@ -171,10 +175,14 @@ def run_grid(preset: dict[str, Any], root: Path, echo: Any = print) -> dict[str,
             path = cell_dir(root, preset["name"], target, method, seed)
             shutil.rmtree(path, ignore_errors=True)  # an interrupted or failed earlier try
             cfg = compose(cell_overrides(preset, target, method, seed))
-            use_free_ports(cfg)
             start = time.perf_counter()
             try:
-                summary = launch(cfg, path, echo=lambda *_: None)
+                if preset["engine"] == "in-process":
+                    threads = int(cfg.federation.threads_per_silo)
+                    summary = run_in_process(cfg, path, threads=threads)
+                else:
+                    use_free_ports(cfg)
+                    summary = launch(cfg, path, echo=lambda *_: None)
             except FedalignError as exc:
                 counts["failed"] += 1
                 progress.console.print(f"{name}: FAILED: {exc}")

@@ -15,6 +15,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedalign.config import compose, validate
@@ -107,6 +108,16 @@ def test_simulation_reproduces_the_deployment(deployment_run, digits_cache, tmp_
     dep = json.loads((run_folder(deployed.stdout) / "summary.json").read_text())
     assert sim["final_silo_accuracy"] == dep["final_silo_accuracy"]
     assert marked_pids(marker) == []
+    # the warm deployment, the simulation and one process learn the same weights, bit for bit
+    from fedalign.config import compose
+    from server.inprocess import run_in_process
+
+    cfg = compose(overrides(digits_cache, tmp_path, "wandb.mode=disabled", simulation=True))
+    run_in_process(cfg, tmp_path / "in-process", threads=int(cfg.federation.threads_per_silo))
+    runs = [run_folder(deployed.stdout), run_folder(done.stdout), tmp_path / "in-process"]
+    weights = [dict(np.load(folder / "final_weights.npz")) for folder in runs]
+    for name, array in weights[0].items():
+        assert array.tobytes() == weights[1][name].tobytes() == weights[2][name].tobytes(), name
 
 
 def test_port_in_use_is_one_line_and_starts_nothing(digits_cache, tmp_path):
