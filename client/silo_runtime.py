@@ -42,6 +42,7 @@ from client.warm import (
     SERVING,
     SOCKET,
     code_fingerprint,
+    connect,
     socket_address,
 )
 
@@ -65,6 +66,19 @@ def prepare_folder(folder: Path) -> None:
         folder.chmod(0o700)
     except OSError as exc:
         raise RuntimeSetupError(f"runtime folder {folder} cannot be used: {exc}") from None
+
+
+def refuse_if_served(folder: Path) -> None:
+    """A live runtime already serving ``folder`` is left alone: two would steal each other's
+    socket."""
+    try:
+        with connect(folder):
+            pass
+    except (OSError, EOFError, AuthenticationError):
+        return  # nobody (a stale socket, or none)
+    raise RuntimeSetupError(
+        f"a silo runtime already serves {folder}; stop it, or give this silo another folder"
+    )
 
 
 def write_key(folder: Path) -> bytes:
@@ -186,6 +200,9 @@ def serve(folder: Path) -> None:
             except AuthenticationError:
                 log.warning("refused a connection that did not know the runtime's key")
                 continue
+            except (EOFError, OSError) as exc:  # it hung up during the handshake
+                log.warning("a connection ended before it was authenticated: %r", exc)
+                continue
             with conn:
                 try:
                     handle(conn, fingerprint, fresh_seed)
@@ -231,6 +248,7 @@ def supervise(folder: Path, watch_pid: int | None = None, command: list[str] | N
         executor and its runtime then live and die together.
     """
     prepare_folder(folder)
+    refuse_if_served(folder)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())

@@ -43,6 +43,20 @@ def _node_config(values: dict[str, Any]) -> str:
     )
 
 
+RUNTIME_BYTES = int(0.7 * 2**30)  # a silo runtime's PSS, measured: docs/performance.md
+
+
+def available_memory() -> int | None:
+    """MemAvailable in bytes (Linux), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def exit_text(proc: Any) -> str:
     """``<name> exited with signal 9 (SIGKILL) (log: ...)``, or with its code and, then only,
     its last log line (a process killed by a signal wrote nothing about it)."""
@@ -180,6 +194,8 @@ class LocalFederation:
         if self.simulation:
             return
         external = external_silos(self.cfg)
+        if self.warm:
+            self.warm = self.runtimes_fit(len(silos(self.cfg)) - len(external))
         for i, silo in enumerate(silos(self.cfg)):
             if silo.domain in external:
                 self.echo(
@@ -198,6 +214,20 @@ class LocalFederation:
                 self.start_runtime(silo, supernode.popen.pid)
         if self.warm:
             self.wait_runtimes()
+
+    def runtimes_fit(self, count: int) -> bool:
+        """Whether ``count`` silo runtimes fit in this machine's free memory (each holds torch
+        and its data, ~0.7 GiB: docs/performance.md); if not, the silos work cold."""
+        needed = count * RUNTIME_BYTES
+        free = available_memory()
+        if free is None or needed <= 0.8 * free:
+            return True
+        self.echo(
+            f"warning: {count} silo runtimes would hold about {needed / 2**30:.0f} GiB and "
+            f"{free / 2**30:.0f} GiB are free: the silos work cold (a fresh process per "
+            "message); federation.silo_runtime=false says so without this warning"
+        )
+        return False
 
     def runtime_dir(self, silo: Silo) -> Path:
         """Silo ``silo``'s runtime folder: inside this run's own short-lived FLWR_HOME."""

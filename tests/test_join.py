@@ -78,12 +78,18 @@ def test_an_image_folder_site_joins_with_tls_and_its_key(tmp_path, digits_cache)
             str(certs / "ca.crt"),
             "--key",
             str(certs / "silos" / "hospital"),
+            "--state-dir",
+            str(tmp_path / "state"),
         ],
         tmp_path,
     )
     assert summary["status"] == "completed" and summary["rounds_completed"] == 1
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "test-accuracy" in lines[-1]["silos"]["hospital"], "the site trained and evaluated"
+    # the site's messages were handled by its warm runtime, which stopped with the SuperNode
+    runtime_log = (tmp_path / "state" / "runtime" / "hospital.log").read_text()
+    assert "silo runtime ready" in runtime_log and "handling train (round 1)" in runtime_log
+    assert not (tmp_path / "state" / "runtime" / "hospital" / "runtime.sock").exists()
 
 
 @pytest.mark.e2e

@@ -182,6 +182,41 @@ def test_the_channel_is_owner_only_and_needs_the_key(runtime):
         assert json.loads(conn.recv_bytes())["serve"] is False
 
 
+def test_a_second_runtime_for_a_served_folder_is_refused(runtime):
+    done = subprocess.run(
+        [sys.executable, "-m", "client.silo_runtime", "--dir", str(runtime.folder)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: a silo runtime already serves {runtime.folder}; stop it, or give this silo "
+        "another folder"
+    ]
+    with warm.connect(runtime.folder):  # the first one still serves
+        pass
+
+
+def test_the_launcher_starts_no_runtimes_that_would_not_fit_in_memory(monkeypatch, tmp_path):
+    from server import launcher
+
+    said: list[str] = []
+    federation = launcher.LocalFederation(compose([]), tmp_path, echo=said.append)
+    try:
+        monkeypatch.setattr(launcher, "available_memory", lambda: 20 * 2**30)
+        assert federation.runtimes_fit(5)
+        assert not federation.runtimes_fit(53)
+        assert said == [
+            "warning: 53 silo runtimes would hold about 37 GiB and 20 GiB are free: the silos "
+            "work cold (a fresh process per message); federation.silo_runtime=false says so "
+            "without this warning"
+        ]
+    finally:
+        federation.stop()
+
+
 def test_a_runtime_serves_the_clientapp_and_keeps_its_context_state(runtime, digits_cache):
     context = make_context(7, node(runtime.folder))
     reply = warm.forward(train_message(digits_cache), context, never_cold)
