@@ -160,6 +160,11 @@ def test_one_host_compose_federation_runs(overlay, tmp_path):
     assert leftovers == [], "every process of the topology must end"
     summary = finished_run(volumes / "outputs")
     assert summary["target"] == "mnistm" and summary["rounds_completed"] == 1
+    for domain in SILOS:  # each executor ran under its silo's warm runtime, which served it
+        service = topology.services[f"fedalign/clientapp-{domain}"]
+        log = (service.root / "service.log").read_text()
+        assert "silo runtime ready" in log and "handling " in log, log[-2000:]
+        assert "this ClientApp does the work" not in log, log[-2000:]
     # Each silo's data reached only its own executor: one folder per silo, nothing else there.
     assert sorted(p.name for p in (volumes / "data").iterdir()) == sorted(SILOS)
     for domain in SILOS:
