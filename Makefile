@@ -22,10 +22,11 @@ COMPOSE  = FEDALIGN_UID=$$(id -u) FEDALIGN_GID=$$(id -g) $(DOCKER_COMPOSE) -p fe
 help:
 	@echo "make run        real local federation (SuperLink + one SuperNode per silo), ARGS='key=value ...'"
 	@echo "make simulate   the same config in Flower's simulation engine"
-	@echo "make test       the full test suite (about 16 minutes on 2 cores)"
+	@echo "make test       the full test suite (about 18 minutes on 2 cores)"
 	@echo "make test-fast  the suite without the end-to-end process tests"
 	@echo "make data       build/verify the offline Digits-5 cache;  make montage  picture of the domains"
-	@echo "make grid       targets x methods x seeds, resumable: PRESET=smoke (minutes) or full"
+	@echo "make grid       targets x methods x seeds, resumable: PRESET=smoke (a minute) or full;"
+	@echo "                WORKERS=N cells at once (engine in-process; default one per core)"
 	@echo "make results    regenerate docs/results*.md/.csv/.png from the run folders in results/"
 	@echo "make bench      the performance benchmarks into docs/perf/ (about an hour; docs/performance.md)"
 	@echo "make lint       ruff check + format check"
@@ -74,7 +75,7 @@ montage: install
 	$(BIN)/fedalign data montage --out outputs/digits5-montage.png
 
 grid: install
-	$(BIN)/fedalign grid $(PRESET)
+	$(BIN)/fedalign grid $(PRESET) $(if $(WORKERS),--workers $(WORKERS))
 
 results: install
 	$(BIN)/fedalign results $(PRESET)

@@ -304,6 +304,12 @@ def grid_command(action: str, argv: list[str]) -> None:
     parser.add_argument("preset", help="a name in conf/grid/ (smoke, full) or a .yaml path")
     parser.add_argument("--root", type=Path, default=Path("results"), help="run folders")
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="where results go")
+    if action == "grid":
+        parser.add_argument(
+            "--workers",
+            type=int,
+            help="cells at once (engine in-process only; default: one per core)",
+        )
     args = parser.parse_args(argv)
     from fedalign.results import write_results
     from server.experiments import (
@@ -317,7 +323,7 @@ def grid_command(action: str, argv: list[str]) -> None:
     preset = load_preset(args.preset)
     counts = {"failed": 0}
     if action == "grid":
-        counts = run_grid(preset, args.root.resolve(), echo=_console().print)
+        counts = run_grid(preset, args.root.resolve(), echo=_console().print, workers=args.workers)
         print(
             f"grid {preset['name']}: {counts['done']} run, {counts['skipped']} skipped, "
             f"{counts['failed']} failed"

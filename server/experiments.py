@@ -14,6 +14,7 @@ changed) is run again from scratch, so an interruption loses at most the cell in
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -129,8 +130,59 @@ def use_free_ports(cfg: Any) -> None:
         cfg.federation.supernode_ports_from = base
 
 
-def run_grid(preset: dict[str, Any], root: Path, echo: Any = print) -> dict[str, int]:
-    """Run every unfinished cell; returns counts of done, skipped and failed cells."""
+def run_cell(preset: dict[str, Any], root: Path, cell: tuple[str, str, int]) -> dict[str, Any]:
+    """Run one cell from scratch into its folder; returns its summary and seconds (raises
+    FedalignError when the run cannot be done)."""
+    from server.inprocess import run_in_process
+    from server.launcher import launch
+
+    path = cell_dir(root, preset["name"], *cell)
+    shutil.rmtree(path, ignore_errors=True)  # an interrupted or failed earlier try
+    cfg = compose(cell_overrides(preset, *cell))
+    start = time.perf_counter()
+    if preset["engine"] == "in-process":
+        summary = run_in_process(cfg, path, threads=int(cfg.federation.threads_per_silo))
+    else:
+        use_free_ports(cfg)
+        summary = launch(cfg, path, echo=lambda *_: None)
+    seconds = time.perf_counter() - start
+    atomic_write_text(path / "cell.json", json.dumps({"seconds": round(seconds, 2)}))
+    return {"summary": summary, "seconds": seconds}
+
+
+def _run_cell_safely(preset: dict[str, Any], root: Path, cell: tuple[str, str, int]) -> Any:
+    """In a worker process: the cell's result, or the one-line error that stopped it."""
+    try:
+        return run_cell(preset, root, cell)
+    except FedalignError as exc:
+        return str(exc)
+
+
+def default_workers(preset: dict[str, Any]) -> int:
+    """In-process cells run side by side, one per core (each silo uses one torch thread);
+    the simulation and the deployment use the whole machine for one cell."""
+    return (os.cpu_count() or 1) if preset["engine"] == "in-process" else 1
+
+
+def run_grid(
+    preset: dict[str, Any], root: Path, echo: Any = print, workers: int | None = None
+) -> dict[str, int]:
+    """Run every unfinished cell; returns counts of done, skipped and failed cells.
+
+    Parameters
+    ----------
+    preset : dict
+        A preset from :func:`load_preset`.
+    root : Path
+        Where the cells' run folders go.
+    echo : callable
+        Prints a line for the user.
+    workers : int, optional
+        Cells run at once (in-process engine only; default: one per core).
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -141,9 +193,12 @@ def run_grid(preset: dict[str, Any], root: Path, echo: Any = print) -> dict[str,
     )
 
     from fedalign.cli import ensure_data
-    from server.inprocess import run_in_process
-    from server.launcher import launch
 
+    workers = default_workers(preset) if workers is None else workers
+    if workers < 1 or (workers > 1 and preset["engine"] != "in-process"):
+        raise ConfigError(
+            f"grid: --workers {workers}: more than one applies to engine in-process only"
+        )
     check(preset)
     todo, stale = [], 0
     defaults = {method: default_config(preset, method) for method in preset["methods"]}
@@ -156,6 +211,7 @@ def run_grid(preset: dict[str, Any], root: Path, echo: Any = print) -> dict[str,
     echo(
         f"grid {preset['name']}: {len(todo)} cells to run ({stale} of them finished with other "
         f"settings), {counts['skipped']} already done"
+        + (f", {workers} at a time" if workers > 1 and todo else "")
     )
     if todo:
         ensure_data(compose(cell_overrides(preset, *todo[0])), echo)
@@ -167,32 +223,31 @@ def run_grid(preset: dict[str, Any], root: Path, echo: Any = print) -> dict[str,
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
+
+    def report(cell: tuple[str, str, int], result: Any) -> None:
+        name = "{} {} seed{}".format(*cell)
+        if isinstance(result, str):
+            counts["failed"] += 1
+            progress.console.print(f"{name}: FAILED: {result}")
+        else:
+            counts["done"] += 1
+            accuracy = result["summary"]["mean_last5_target_accuracy"]
+            progress.console.print(
+                f"{name}: target accuracy {100 * accuracy:.1f}% (mean of last 5 rounds), "
+                f"{result['seconds']:.0f} s"
+            )
+        progress.advance(task)
+
     with Progress(*columns, transient=True) as progress:
-        task = progress.add_task("grid", total=len(todo))
-        for target, method, seed in todo:
-            name = f"{target} {method} seed{seed}"
-            progress.update(task, description=name)
-            path = cell_dir(root, preset["name"], target, method, seed)
-            shutil.rmtree(path, ignore_errors=True)  # an interrupted or failed earlier try
-            cfg = compose(cell_overrides(preset, target, method, seed))
-            start = time.perf_counter()
-            try:
-                if preset["engine"] == "in-process":
-                    threads = int(cfg.federation.threads_per_silo)
-                    summary = run_in_process(cfg, path, threads=threads)
-                else:
-                    use_free_ports(cfg)
-                    summary = launch(cfg, path, echo=lambda *_: None)
-            except FedalignError as exc:
-                counts["failed"] += 1
-                progress.console.print(f"{name}: FAILED: {exc}")
-            else:
-                counts["done"] += 1
-                seconds = time.perf_counter() - start
-                atomic_write_text(path / "cell.json", json.dumps({"seconds": round(seconds, 2)}))
-                progress.console.print(
-                    f"{name}: target accuracy {100 * summary['mean_last5_target_accuracy']:.1f}% "
-                    f"(mean of last 5 rounds), {seconds:.0f} s"
-                )
-            progress.advance(task)
+        task = progress.add_task(f"grid {preset['name']}", total=len(todo))
+        if workers == 1:
+            for cell in todo:
+                progress.update(task, description="{} {} seed{}".format(*cell))
+                report(cell, _run_cell_safely(preset, root, cell))
+        else:
+            # spawn: a fresh interpreter per worker (no forked torch or Flower state)
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(_run_cell_safely, preset, root, c): c for c in todo}
+                for future in as_completed(futures):
+                    report(futures[future], future.result())
     return counts

@@ -228,3 +228,15 @@ def test_cost_table_ignores_columns_a_method_does_not_have():
     }
     table = cost_table([row], {"methods": {"fedavg": []}}).splitlines()
     assert table[2] == "| fedavg | 1 | 90 | 3.00 | 2.00 |"
+
+
+def test_several_workers_apply_to_in_process_cells_only(tmp_path):
+    from server.experiments import default_workers, run_grid
+
+    simulation = {**load_preset("smoke"), "engine": "simulation"}
+    assert default_workers(simulation) == 1
+    assert default_workers(load_preset("smoke")) >= 1
+    with pytest.raises(ConfigError, match="more than one applies to engine in-process only"):
+        run_grid(simulation, tmp_path, workers=2)
+    with pytest.raises(ConfigError, match="--workers 0"):
+        run_grid(load_preset("smoke"), tmp_path, workers=0)
