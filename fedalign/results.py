@@ -31,6 +31,7 @@ COLUMNS = (
     "mb_received_per_round",
     "seconds_per_round",  # the rounds alone (metrics.jsonl's wall_seconds of rounds 1..R)
     "group_effect",  # FedKA-style runs: last-5 mean of averaged model minus mean source model
+    "engine",  # how the cell ran (its seconds compare only within one engine)
 )
 
 
@@ -103,13 +104,22 @@ def is_complete(
     return same_settings(learning_config(ran), learning_config(expected), defaults or {})
 
 
+def engine_label(clock: dict[str, Any]) -> str:
+    """How a cell ran, from its cell.json (cells from before the key: the simulation, which
+    ran every one of them)."""
+    engine = str(clock.get("engine", "simulation"))
+    workers = int(clock.get("workers", 1))
+    return engine + (f", {workers} at once" if workers > 1 else "")
+
+
 def cell_row(path: Path, target: str, method: str, seed: int) -> dict[str, Any]:
     """One CSV row from a completed cell's summary.json and metrics.jsonl."""
     summary = json.loads((path / "summary.json").read_text())
     lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     rounds = max(summary["rounds_completed"], 1)
     cell = path / "cell.json"  # the harness's own clock: process start-up included
-    seconds = json.loads(cell.read_text())["seconds"] if cell.exists() else summary["wall_seconds"]
+    clock = json.loads(cell.read_text()) if cell.exists() else {}
+    seconds = clock.get("seconds", summary["wall_seconds"])
     rounds_only = [line for line in lines if line["round"] >= 1]
     effects = [line["group_effect"] for line in rounds_only if "group_effect" in line][-5:]
     return {
@@ -128,6 +138,7 @@ def cell_row(path: Path, target: str, method: str, seed: int) -> dict[str, Any]:
             statistics.fmean(line["wall_seconds"] for line in rounds_only) if rounds_only else None
         ),
         "group_effect": statistics.fmean(effects) if effects else None,
+        "engine": engine_label(clock),
     }
 
 
@@ -204,9 +215,20 @@ def ablation_table(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
             if len(values) == len(targets):
                 per_seed.append(statistics.fmean(values))
         effects = [r["group_effect"] for r in mine if r["group_effect"] is not None]
-        seconds = [r["seconds_per_round"] for r in mine if r["seconds_per_round"] is not None]
         effect = f"{100 * statistics.fmean(effects):+.1f}" if effects else "—"
-        cost = f"{statistics.fmean(seconds):.1f}" if seconds else "—"
+        by_engine: dict[str, list[float]] = {}
+        for r in mine:
+            if r["seconds_per_round"] is not None:
+                by_engine.setdefault(r.get("engine", "simulation"), []).append(
+                    r["seconds_per_round"]
+                )
+        cost = (
+            "; ".join(
+                f"{statistics.fmean(values):.1f} ({engine})"
+                for engine, values in sorted(by_engine.items())
+            )
+            or "—"
+        )
         both = [r["mb_sent_per_round"] + r["mb_received_per_round"] for r in mine]
         mb = f"{statistics.fmean(both):.2f}" if both else "—"
         lines.append(f"| {method} | {blocks} | {_mean_std(per_seed)} | {effect} | {cost} | {mb} |")
@@ -272,8 +294,9 @@ def ablation_section(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
         return ""
     return f"""Ablation: which of FedKA's blocks pay. The Group Effect is the averaged model's
 target accuracy minus the mean of the source models' (last 5 rounds; only the methods that vote
-evaluate the source models on the target). Cost: the rounds' wall seconds and the bytes that
-cross the SuperLink, per round.
+evaluate the source models on the target). Cost: the rounds' wall seconds, by the engine the
+cells ran in (seconds compare only within one engine: in-process cells run silos one after
+another, side by side with another cell), and the bytes that cross the SuperLink, per round.
 
 {ablation_table(rows, preset)}
 

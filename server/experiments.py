@@ -130,9 +130,11 @@ def use_free_ports(cfg: Any) -> None:
         cfg.federation.supernode_ports_from = base
 
 
-def run_cell(preset: dict[str, Any], root: Path, cell: tuple[str, str, int]) -> dict[str, Any]:
-    """Run one cell from scratch into its folder; returns its summary and seconds (raises
-    FedalignError when the run cannot be done)."""
+def run_cell(
+    preset: dict[str, Any], root: Path, cell: tuple[str, str, int], workers: int = 1
+) -> dict[str, Any]:
+    """Run one cell from scratch into its folder (``workers`` cells run at once); returns its
+    summary and seconds (raises FedalignError when the run cannot be done)."""
     from server.inprocess import run_in_process
     from server.launcher import launch
 
@@ -146,14 +148,17 @@ def run_cell(preset: dict[str, Any], root: Path, cell: tuple[str, str, int]) -> 
         use_free_ports(cfg)
         summary = launch(cfg, path, echo=lambda *_: None)
     seconds = time.perf_counter() - start
-    atomic_write_text(path / "cell.json", json.dumps({"seconds": round(seconds, 2)}))
+    clock = {"seconds": round(seconds, 2), "engine": preset["engine"], "workers": workers}
+    atomic_write_text(path / "cell.json", json.dumps(clock))
     return {"summary": summary, "seconds": seconds}
 
 
-def _run_cell_safely(preset: dict[str, Any], root: Path, cell: tuple[str, str, int]) -> Any:
+def _run_cell_safely(
+    preset: dict[str, Any], root: Path, cell: tuple[str, str, int], workers: int
+) -> Any:
     """In a worker process: the cell's result, or the one-line error that stopped it."""
     try:
-        return run_cell(preset, root, cell)
+        return run_cell(preset, root, cell, workers)
     except FedalignError as exc:
         return str(exc)
 
@@ -243,11 +248,11 @@ def run_grid(
         if workers == 1:
             for cell in todo:
                 progress.update(task, description="{} {} seed{}".format(*cell))
-                report(cell, _run_cell_safely(preset, root, cell))
+                report(cell, _run_cell_safely(preset, root, cell, 1))
         else:
             # spawn: a fresh interpreter per worker (no forked torch or Flower state)
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(_run_cell_safely, preset, root, c): c for c in todo}
+                futures = {pool.submit(_run_cell_safely, preset, root, c, workers): c for c in todo}
                 for future in as_completed(futures):
                     report(futures[future], future.result())
     return counts

@@ -191,6 +191,7 @@ def test_ablation_table_averages_targets_and_reports_group_effect_and_cost():
             "seconds_per_round": 2.0 + seed,
             "mb_sent_per_round": 1.0,
             "mb_received_per_round": 0.5,
+            "engine": "simulation" if seed == 0 else "in-process, 2 at once",
         }
 
     rows = [
@@ -201,8 +202,11 @@ def test_ablation_table_averages_targets_and_reports_group_effect_and_cost():
         row("f", "a", 0, 0.5, None),  # seed 0 of b and all of seed 1 missing
     ]
     table = ablation_table(rows, preset).splitlines()
-    assert table[2] == "| v | vote | 75.0 ± 7.1 | +5.0 | 2.5 | 1.50 |"
-    assert table[3] == "| f | none | — | — | 2.0 | 1.50 |"
+    # seconds are averaged within an engine only: seed 1's cells ran in-process
+    assert table[2] == (
+        "| v | vote | 75.0 ± 7.1 | +5.0 | 3.0 (in-process, 2 at once); 2.0 (simulation) | 1.50 |"
+    )
+    assert table[3] == "| f | none | — | — | 2.0 (simulation) | 1.50 |"
 
 
 def test_a_preset_ablation_must_name_its_methods(tmp_path):
