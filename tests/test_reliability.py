@@ -21,6 +21,7 @@ from rich.console import Console
 
 from fedalign.cli import print_results
 from fedalign.config import compose, silos, validate
+from server.inprocess import run_in_process
 from server.launcher import LocalFederation
 from server.processes import carrying, descendants
 from tests.conftest import free_ports, port_overrides
@@ -211,9 +212,10 @@ def test_superlink_killed_mid_run_resumes_to_identical_weights(digits_cache, tmp
             [FEDALIGN, *args], capture_output=True, text=True, env=env, timeout=400, cwd=cwd
         )
 
+    # the uninterrupted run, in one process: bit-identical to a deployment (tests/test_e2e.py)
     reference = tmp_path / "reference"
-    done = fedalign("run", *base, *port_overrides(3), f"output.run_dir={reference}")
-    assert done.returncode == 0, done.stderr[-2000:]
+    cfg = compose(base)
+    run_in_process(cfg, reference, threads=int(cfg.federation.threads_per_silo))
 
     root = tmp_path / "runs"
     crashed = root / "crashed"
