@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 KINDS = (  # command-line fragment -> kind, first match wins
-    ("client.silo_runtime --serve", "runtime"),
+    ("client.runtime_worker", "runtime"),
     ("client.silo_runtime", "runtime-supervisor"),
     ("flower-superexec", "superexec"),
     ("flower-supernode", "supernode"),

@@ -1,30 +1,19 @@
 """A silo runtime: one long-lived process per silo that handles its messages warm.
 
-``python -m client.silo_runtime --dir DIR [--watch-pid PID]`` (``fedalign silo runtime``) is a
-small supervisor that imports no torch. It keeps one worker process alive: the worker imports
-torch and the ClientApp's handlers once, pays ``torch._dynamo``'s import on a throw-away optimizer
-step once, and then serves messages that ClientApps hand it (``client/warm.py``) over a Unix
-domain socket in ``DIR``: the folder is owner-only (0700), the socket 0600, and every connection
-must prove it knows the random key the worker writes to ``DIR/runtime.key`` (0600) at each start
-(``multiprocessing.connection``'s HMAC challenge, both ways). No network port is opened and no
-pickled object is read: messages and contexts travel as Flower's protobufs.
-
-A worker serves only an app whose code fingerprint equals its own (another fedalign version is
-refused and the ClientApp does the work itself). Before each message it resets torch's global
-generator to a fresh process's seed, so a warm reply equals a cold one to the last bit. When the
-worker dies, the supervisor starts another (at most ``MAX_RESTARTS`` within a minute); when the
-watched process (the silo's SuperNode) is gone, or on SIGTERM, the supervisor stops its worker,
-removes the socket and key, and exits: no orphans.
+``python -m client.silo_runtime --dir DIR [--watch-pid PID] [-- COMMAND ...]`` (``fedalign silo
+runtime``) is a small supervisor that imports no torch. It makes ``DIR`` owner-only (0700) and
+keeps one worker (``client/runtime_worker.py``) alive, which serves the messages that ClientApps
+hand it (``client/warm.py``) over a Unix domain socket in ``DIR``. No network port is opened.
+When the worker dies, the supervisor starts another (at most ``MAX_RESTARTS`` within a minute);
+when the watched process (the silo's SuperNode, or ``COMMAND``: a container's executor) is gone,
+or on SIGTERM, it stops its worker, removes the socket and key, and exits: no orphans.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -32,18 +21,13 @@ import threading
 import time
 from collections import deque
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
 from client.warm import (
     KEY,
-    PROTOCOL,
     RUNTIME_DIR_ENV,
-    SERVING,
     SOCKET,
-    code_fingerprint,
     connect,
-    socket_address,
 )
 
 log = logging.getLogger("fedalign.runtime")
@@ -81,133 +65,9 @@ def refuse_if_served(folder: Path) -> None:
     )
 
 
-def write_key(folder: Path) -> bytes:
-    """A fresh random key in ``folder/runtime.key`` (0600), replaced atomically."""
-    key = secrets.token_bytes(32)
-    tmp = folder / f".{KEY}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key)
-    tmp.replace(folder / KEY)
-    return key
-
-
 def clean(folder: Path) -> None:
     for name in (SOCKET, KEY):
         (folder / name).unlink(missing_ok=True)
-
-
-# ------------------------------------------------------------------------------ the worker
-def warm_up() -> int:
-    """Import what every message needs and pay ``torch._dynamo``'s import (the first optimizer
-    step) now; return the seed of torch's global generator in a fresh process."""
-    import torch
-
-    import client.app  # noqa: F401 - the handlers and everything they import at module level
-    import fedalign.models
-    import fedalign.train  # noqa: F401
-
-    fresh_seed = torch.initial_seed()
-    weight = torch.zeros(1, requires_grad=True)  # no random numbers drawn
-    optimizer = torch.optim.Adam([weight], lr=0.1)
-    (weight * 2).sum().backward()
-    optimizer.step()
-    return fresh_seed
-
-
-def handle(conn: Connection, fingerprint: str, fresh_seed: int) -> None:
-    """Serve one message on ``conn`` (see ``client.warm.exchange`` for the other side)."""
-    import torch
-    from flwr.common.serde import (
-        context_from_proto,
-        context_to_proto,
-        message_from_proto,
-        message_to_proto,
-    )
-    from flwr.proto.message_pb2 import Context as ProtoContext
-    from flwr.proto.message_pb2 import Message as ProtoMessage
-
-    from client.app import app
-    from strategies.utils import CONFIG
-
-    hello = json.loads(conn.recv_bytes())
-    if hello.get("protocol") != PROTOCOL or hello.get("code") != fingerprint:
-        why = (
-            f"runs other code (fingerprint {fingerprint[:12]}, the app's "
-            f"{str(hello.get('code'))[:12]}, protocol {hello.get('protocol')})"
-        )
-        conn.send_bytes(json.dumps({"serve": False, "why": why}).encode())
-        log.warning("refused a message: it %s", why)
-        return
-    conn.send_bytes(json.dumps({"serve": True}).encode())
-    message = message_from_proto(ProtoMessage.FromString(conn.recv_bytes()))
-    context = context_from_proto(ProtoContext.FromString(conn.recv_bytes()))
-    rnd = message.content[CONFIG].get("server-round") if CONFIG in message.content else None
-    log.info("handling %s (round %s)", message.metadata.message_type, rnd)
-    torch.manual_seed(fresh_seed)  # what a fresh ClientApp process would start from
-    try:
-        reply = app(message, context)
-    except Exception as exc:
-        log.exception("the handler of %s failed", message.metadata.message_type)
-        conn.send_bytes(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode())
-        return
-    conn.send_bytes(json.dumps({"ok": True}).encode())
-    conn.send_bytes(message_to_proto(reply).SerializeToString())
-    conn.send_bytes(context_to_proto(context).SerializeToString())
-
-
-def _exit_with_parent() -> None:
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(WATCH_SECONDS)
-        os._exit(0)  # the supervisor is gone: no orphan
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
-
-
-def listen(folder: Path, key: bytes, stack: contextlib.ExitStack) -> Listener:
-    """Bind the socket (0600) in ``folder``; ``stack`` keeps what it needs open."""
-    (folder / SOCKET).unlink(missing_ok=True)
-    address = stack.enter_context(socket_address(folder))
-    previous = os.umask(0o177)
-    try:
-        return stack.enter_context(Listener(address, family="AF_UNIX", authkey=key))
-    finally:
-        os.umask(previous)
-
-
-def serve(folder: Path) -> None:
-    """The worker: warm up, then serve one message per connection until killed."""
-    _exit_with_parent()
-    started = time.time()
-    fresh_seed = warm_up()
-    fingerprint = code_fingerprint()
-    key = write_key(folder)
-    with contextlib.ExitStack() as stack:
-        listener = listen(folder, key, stack)
-        SERVING[0] = True
-        log.info(
-            "silo runtime ready at %s in %.1f s (code %s)",
-            folder / SOCKET,
-            time.time() - started,
-            fingerprint[:12],
-        )
-        while True:
-            try:
-                conn = listener.accept()
-            except AuthenticationError:
-                log.warning("refused a connection that did not know the runtime's key")
-                continue
-            except (EOFError, OSError) as exc:  # it hung up during the handshake
-                log.warning("a connection ended before it was authenticated: %r", exc)
-                continue
-            with conn:
-                try:
-                    handle(conn, fingerprint, fresh_seed)
-                except (EOFError, OSError) as exc:
-                    log.warning("a ClientApp went away mid-message: %s", exc)
 
 
 # -------------------------------------------------------------------------- the supervisor
@@ -233,7 +93,12 @@ def _describe(code: int) -> str:
     return f"code {code}"
 
 
-def supervise(folder: Path, watch_pid: int | None = None, command: list[str] | None = None) -> int:
+def supervise(
+    folder: Path,
+    watch_pid: int | None = None,
+    command: list[str] | None = None,
+    label: str | None = None,
+) -> int:
     """Keep a worker alive until the watched process exits or SIGTERM; return the exit code.
 
     Parameters
@@ -246,6 +111,8 @@ def supervise(folder: Path, watch_pid: int | None = None, command: list[str] | N
         Run this command (e.g. the silo's ``flower-superexec``) as a child with
         ``FEDALIGN_RUNTIME_DIR`` set, watch it instead, and return its exit code: a container's
         executor and its runtime then live and die together.
+    label : str, optional
+        The silo's name in the worker's log lines.
     """
     prepare_folder(folder)
     refuse_if_served(folder)
@@ -260,7 +127,8 @@ def supervise(folder: Path, watch_pid: int | None = None, command: list[str] | N
         except OSError as exc:
             raise RuntimeSetupError(f"cannot start {command[0]}: {exc}") from None
     deaths: deque[float] = deque()
-    argv = [sys.executable, "-m", "client.silo_runtime", "--serve", "--dir", str(folder)]
+    argv = [sys.executable, "-m", "client.runtime_worker", "--dir", str(folder)]
+    argv += ["--silo", label] if label else []
     code = 0
     while not stopping.is_set():
         worker = subprocess.Popen(argv)
@@ -318,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", required=True, type=Path, help="the silo's runtime folder")
     parser.add_argument("--silo", help="the silo's name in log lines (default: the folder's)")
     parser.add_argument("--watch-pid", type=int, help="exit when this process (a SuperNode) exits")
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "command", nargs=argparse.REMAINDER, help="after --: run this (the executor) with it"
     )
@@ -330,15 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        if args.serve:
-            # nothing to flush: a worker keeps no state that outlives a message
-            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-            serve(args.dir)
-            return 0
-        return supervise(args.dir, args.watch_pid, command or None)
+        return supervise(args.dir, args.watch_pid, command or None, args.silo)
     except RuntimeSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if command and not args.serve:  # the executor still runs: its ClientApps work cold
+        if command:  # the executor still runs: its ClientApps work cold
             os.execvpe(command[0], command, {**os.environ})
         return 2
 

@@ -362,7 +362,7 @@ def test_an_executor_runs_under_its_runtime_and_they_end_together(tmp_path):
     for line in supervisor.stderr:
         if "silo runtime ready" in line:
             break
-    workers = [p for p in descendants(supervisor.pid) if "--serve" in _cmdline(p)]
+    workers = [p for p in descendants(supervisor.pid) if "client.runtime_worker" in _cmdline(p)]
     assert len(workers) == 1
     supervisor.stdin.close()  # the executor stand-in exits with code 3
     assert supervisor.wait(timeout=30) == 3
