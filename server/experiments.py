@@ -14,6 +14,7 @@ changed) is run again from scratch, so an interruption loses at most the cell in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -143,6 +144,8 @@ def run_cell(
     cfg = compose(cell_overrides(preset, *cell))
     start = time.perf_counter()
     if preset["engine"] == "in-process":
+        # the cell's own records hold what Flower's per-phase INFO lines would say
+        logging.getLogger("flwr").setLevel(logging.WARNING)
         summary = run_in_process(cfg, path, threads=int(cfg.federation.threads_per_silo))
     else:
         use_free_ports(cfg)
