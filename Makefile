@@ -22,7 +22,7 @@ COMPOSE  = FEDALIGN_UID=$$(id -u) FEDALIGN_GID=$$(id -g) $(DOCKER_COMPOSE) -p fe
 help:
 	@echo "make run        real local federation (SuperLink + one SuperNode per silo), ARGS='key=value ...'"
 	@echo "make simulate   the same config in Flower's simulation engine"
-	@echo "make test       the full test suite (about 18 minutes on 2 cores)"
+	@echo "make test       the full test suite (about 16 minutes on 2 cores)"
 	@echo "make test-fast  the suite without the end-to-end process tests"
 	@echo "make data       build/verify the offline Digits-5 cache;  make montage  picture of the domains"
 	@echo "make grid       targets x methods x seeds, resumable: PRESET=smoke (a minute) or full;"
