@@ -74,11 +74,10 @@ def tree_memory(root: int | None = None) -> dict[str, list[int]]:
 
 
 def available_bytes() -> int:
-    """MemAvailable from /proc/meminfo."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """MemAvailable from /proc/meminfo (0 where it cannot be read)."""
+    from server.launcher import available_memory
+
+    return available_memory() or 0
 
 
 class Sampler(threading.Thread):

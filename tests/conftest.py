@@ -76,3 +76,24 @@ def port_overrides(silos: int = 3) -> list[str]:
         f"federation.fleet_port={fleet}",
         f"federation.supernode_ports_from={base}",
     ]
+
+
+def small_federation(cache: Path, run_dir: Path, *extra: str):
+    """A validated config for a real 3-silo deployment (mnist, usps -> mnistm) on free loopback
+    ports, writing to ``run_dir``; ``extra`` are Hydra overrides."""
+    from omegaconf import OmegaConf
+
+    from fedalign.config import compose, validate
+
+    cfg = compose(
+        [
+            "data.domains=[mnist,usps,mnistm]",
+            f"data.cache_dir={cache}",
+            "wandb.mode=disabled",
+            *extra,
+            *port_overrides(3),
+        ]
+    )
+    validate(cfg)
+    OmegaConf.update(cfg, "output.run_dir", str(run_dir), force_add=True)
+    return cfg

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from rich.console import Console
 
 from fedalign.cli import print_results
-from fedalign.config import compose, silos, validate
+from fedalign.config import compose, silos
 from server.inprocess import run_in_process
 from server.launcher import LocalFederation
 from server.processes import carrying, descendants
-from tests.conftest import free_ports, port_overrides
+from tests.conftest import free_ports, port_overrides, small_federation
 
 pytestmark = pytest.mark.e2e
 FEDALIGN = str(Path(sys.executable).parent / "fedalign")
@@ -37,21 +36,15 @@ def kill_tree(pid: int) -> None:
 
 
 def test_source_killed_mid_round_is_dropped_and_rejoins(digits_cache, tmp_path):
-    cfg = compose(
-        [
-            "data.domains=[mnist,usps,mnistm]",
-            f"data.cache_dir={digits_cache}",
-            "rounds=4",
-            "train.local_steps=10",
-            "wandb.mode=disabled",
-            "federation.round_timeout=30",
-            "federation.connect_timeout=60",
-            *port_overrides(3),
-        ]
-    )
-    validate(cfg)
     run_dir = tmp_path / "run"
-    OmegaConf.update(cfg, "output.run_dir", str(run_dir), force_add=True)
+    cfg = small_federation(
+        digits_cache,
+        run_dir,
+        "rounds=4",
+        "train.local_steps=10",
+        "federation.round_timeout=30",
+        "federation.connect_timeout=60",
+    )
     seen: list[str] = []
     events: dict[str, bool] = {}
 

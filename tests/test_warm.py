@@ -382,26 +382,13 @@ def test_a_deployed_runtime_killed_mid_round_drops_its_silo_for_that_round_only(
     message. usps is dropped from round 2, its runtime restarts, and it trains in round 3."""
     import time
 
-    from omegaconf import OmegaConf
-
-    from fedalign.config import compose, validate
     from server.launcher import LocalFederation
-    from tests.conftest import port_overrides
+    from tests.conftest import small_federation
 
-    cfg = compose(
-        [
-            "data.domains=[mnist,usps,mnistm]",
-            f"data.cache_dir={digits_cache}",
-            "rounds=3",
-            "train.local_steps=60",
-            "wandb.mode=disabled",
-            "federation.round_timeout=60",
-            *port_overrides(3),
-        ]
-    )
-    validate(cfg)
     run_dir = tmp_path / "run"
-    OmegaConf.update(cfg, "output.run_dir", str(run_dir), force_add=True)
+    cfg = small_federation(
+        digits_cache, run_dir, "rounds=3", "train.local_steps=60", "federation.round_timeout=60"
+    )
     killed: list[int] = []
 
     def kill_when_round_2_reaches_usps(federation: LocalFederation) -> None:
