@@ -108,6 +108,7 @@ class LocalFederation:
         self.tls = bool(OmegaConf.select(cfg, "federation.tls", default=False))
         self.auth = bool(OmegaConf.select(cfg, "federation.auth", default=False))
         self.certs: dict[str, Path] = {}
+        self.runtimes: list[tuple[str, Path, Any]] = []  # (domain, folder, process) started
         # one warm runtime per silo (client/silo_runtime.py); false: Flower's cold ClientApps
         self.warm = not self.simulation and bool(
             OmegaConf.select(cfg, "federation.silo_runtime", default=True)
@@ -235,9 +236,13 @@ class LocalFederation:
 
     def start_runtime(self, silo: Silo, supernode_pid: int) -> None:
         """The silo's warm runtime (``client/silo_runtime.py``); it exits with its SuperNode."""
-        argv = [sys.executable, "-m", "client.silo_runtime", "--dir", str(self.runtime_dir(silo))]
+        folder = self.runtime_dir(silo)
+        argv = [sys.executable, "-m", "client.silo_runtime", "--dir", str(folder)]
         argv += ["--watch-pid", str(supernode_pid)]
-        self.procs.start(f"runtime-{silo.domain}", argv, self.logs / f"runtime-{silo.domain}.log")
+        log = self.logs / f"runtime-{silo.domain}.log"
+        self.runtimes.append(
+            (silo.domain, folder, self.procs.start(f"runtime-{silo.domain}", argv, log))
+        )
 
     def wait_runtimes(self) -> None:
         """Wait until every silo runtime serves (its socket exists); one that does not in
@@ -245,19 +250,18 @@ class LocalFederation:
         from client.warm import SOCKET
 
         deadline = time.monotonic() + float(self.fed.startup_timeout)
-        waiting = [p for p in self.procs.processes if p.name.startswith("runtime-")]
+        waiting = list(self.runtimes)
         while waiting and time.monotonic() < deadline:
-            for proc in list(waiting):
-                domain = proc.name.removeprefix("runtime-")
-                if (self.flwr_home / "runtime" / domain / SOCKET).exists():
-                    waiting.remove(proc)
+            for domain, folder, proc in list(waiting):
+                if (folder / SOCKET).exists():
+                    waiting.remove((domain, folder, proc))
                 elif proc.exited() is not None:
                     proc.reported = True
                     self.echo(f"warning: {exit_text(proc)}; silo {domain} works cold")
-                    waiting.remove(proc)
+                    waiting.remove((domain, folder, proc))
             time.sleep(0.1)
         if waiting:
-            names = ", ".join(p.name for p in waiting)
+            names = ", ".join(proc.name for _, _, proc in waiting)
             self.echo(f"warning: {names} not ready within {self.fed.startup_timeout}s")
         else:
             self.echo("silo runtimes ready: every silo handles its messages warm")
