@@ -9,15 +9,42 @@ PYTEST_ARGS ?=
 PYTEST_JOBS ?= 2
 
 .PHONY: help install system-deps run simulate test test-fast lint format data montage grid results clean bench \
-	compose-check compose-build compose-up compose-run compose-logs compose-down
+	compose-check compose-build compose-up compose-run compose-logs compose-down image-base \
+	test-containers container-deps
 PRESET ?= smoke
 
 # Containers (docker/, docs/containers.md). TLS=1 adds the TLS + SuperNode authentication overlay.
+# DOCKER_COMPOSE=podman-compose runs the same files with Podman.
 DOCKER_COMPOSE ?= docker compose
+CONTAINER_ENGINE ?= $(if $(findstring podman,$(DOCKER_COMPOSE)),podman,docker)
+PROJECT ?= fedalign
 SILOS   := mnist syn usps svhn mnistm
-VOLUMES := docker/volumes
-COMPOSE  = FEDALIGN_UID=$$(id -u) FEDALIGN_GID=$$(id -g) $(DOCKER_COMPOSE) -p fedalign \
+VOLUMES ?= docker/volumes
+FEDALIGN_UID ?= $(shell id -u)
+FEDALIGN_GID ?= $(shell id -g)
+COMPOSE  = FEDALIGN_UID=$(FEDALIGN_UID) FEDALIGN_GID=$(FEDALIGN_GID) \
+	FEDALIGN_VOLUMES=$(abspath $(VOLUMES)) $(DOCKER_COMPOSE) -p $(PROJECT) \
 	-f docker/compose.yml $(if $(TLS),-f docker/compose.tls.yml)
+# Building docker/app.Dockerfile (each empty by default): BASE_IMAGE (e.g. the one `make
+# image-base` builds), TORCH_VERSION, TORCHVISION_VERSION (`none`: leave torchvision out),
+# TORCH_INDEX_URL, EXTRA_CA_DIR (a folder of .crt files pip must trust while building) and, with
+# Podman, WHEELS (a host folder of wheels that pip takes first). FLWR_IMAGE_PREFIX: where the
+# SuperLink and SuperNode images come from (default Flower's, `flwr`); with BASE_IMAGE set,
+# compose-build tags the app image as those two, which it can stand in for.
+FLWR_VERSION ?= 1.39.0
+BASE_IMAGE_TAG := localhost/fedalign-base:bookworm
+APP_IMAGE = $(or $(FEDALIGN_IMAGE),fedalign/app:latest)
+BUILD_ARGS = $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+	$(if $(TORCH_VERSION),--build-arg TORCH_VERSION=$(TORCH_VERSION)) \
+	$(if $(TORCHVISION_VERSION),--build-arg TORCHVISION_VERSION=$(TORCHVISION_VERSION:none=)) \
+	$(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)) \
+	$(if $(EXTRA_CA_DIR),--build-arg "EXTRA_CA_CERTS=$$(cat $(EXTRA_CA_DIR)/*.crt)") \
+	$(if $(WHEELS),--build-arg WHEELS=/wheels)
+export BUILDAH_FORMAT := docker
+# Podman 4.3 cannot start a container that `--requires` a running one, and runs no healthchecks:
+# podman-compose starts the services without their depends_on, and each one waits for what it
+# needs by itself (the SuperNodes and executors retry, register and submit take --wait).
+PODMAN_UP_ARGS = $(if $(findstring podman,$(DOCKER_COMPOSE)),--no-deps)
 
 help:
 	@echo "make run        real local federation (SuperLink + one SuperNode per silo), ARGS='key=value ...'"
@@ -33,11 +60,13 @@ help:
 	@echo "make compose-build / compose-up / compose-run ARGS=... / compose-logs / compose-down"
 	@echo "                the one-host container federation (TLS=1: with TLS + node auth)"
 	@echo "make compose-check  static checks of docker/ (no Docker engine needed)"
+	@echo "make image-base     a base image from Debian packages, for hosts with no registry"
+	@echo "make test-containers  build the images and run the compose federation with Podman"
 
 $(BIN)/fedalign: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --disable-pip-version-check -e ".[dev]"
+	$(BIN)/pip install --disable-pip-version-check -e ".[vision,dev]"
 	touch $@
 
 install: $(BIN)/fedalign
@@ -98,22 +127,51 @@ bench: install data
 compose-check: install system-deps
 	$(BIN)/python -m pytest -q tests/test_containers.py -m "not e2e"
 
+# Podman keeps HEALTHCHECK only in Docker's image format (BUILDAH_FORMAT above); one build
+# serves every service that runs the app image.
 compose-build:
-	$(COMPOSE) build
+	$(COMPOSE) $(if $(WHEELS),--podman-build-args='-v $(abspath $(WHEELS)):/wheels:ro') \
+		build $(BUILD_ARGS) serverapp
+	$(if $(BASE_IMAGE),$(foreach role,superlink supernode,$(CONTAINER_ENGINE) tag $(APP_IMAGE) \
+		$(or $(FLWR_IMAGE_PREFIX),flwr)/$(role):$(FLWR_VERSION) &&) true)
+
+# A base image from Debian packages alone, where no registry is reachable (needs root,
+# debootstrap and podman): then `make compose-build BASE_IMAGE=localhost/fedalign-base:bookworm`.
+image-base:
+	docker/build-base.sh $(BASE_IMAGE_TAG)
 
 compose-up:
 	mkdir -p $(VOLUMES)/outputs $(VOLUMES)/certs $(VOLUMES)/state/superlink \
 		$(addprefix $(VOLUMES)/data/,$(SILOS)) $(addprefix $(VOLUMES)/state/,$(SILOS))
-	$(COMPOSE) up -d
+	$(if $(filter-out $(shell id -u),$(FEDALIGN_UID)),chown -R $(FEDALIGN_UID):$(FEDALIGN_GID) $(VOLUMES))
+	$(COMPOSE) run --rm data
+	$(if $(TLS),$(COMPOSE) run --rm certs)
+	$(COMPOSE) up -d $(PODMAN_UP_ARGS)
 
 compose-run:
-	$(COMPOSE) run --rm submit $(ARGS)
+	$(COMPOSE) --profile run run --rm submit $(ARGS)
 
 compose-logs:
 	$(COMPOSE) logs -f
 
 compose-down:
 	$(COMPOSE) down
+
+# The container federation built and run for real with Podman (tests/test_podman.py, about 10
+# minutes): root installs Podman, debootstrap and podman-compose first; elsewhere the test is
+# skipped with the reason.
+PODMAN_COMPOSE_VERSION := 1.6.0
+container-deps: install
+	@{ command -v podman >/dev/null && command -v debootstrap >/dev/null; } \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq \
+			&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah debootstrap \
+			>/dev/null; } \
+		|| echo "note: podman or debootstrap is not installed: the container test will be skipped"
+	@$(BIN)/pip install --disable-pip-version-check -q podman-compose==$(PODMAN_COMPOSE_VERSION) \
+		|| echo "note: podman-compose is not installed: the container test will be skipped"
+
+test-containers: install container-deps
+	$(BIN)/python -m pytest -s -rA --containers tests/test_podman.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

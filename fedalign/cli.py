@@ -385,16 +385,28 @@ def _connection_args(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="the federation's CA certificate (TLS); else plaintext",
     )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for the SuperLink to accept connections (containers that "
+        "start together); default: try once",
+    )
 
 
 def _flower_env(tmp: str, args: argparse.Namespace) -> dict[str, str]:
     """A throw-away FLWR_HOME with one connection to ``args.superlink``."""
     import os
 
-    from server.submit import write_connection
+    from server.submit import wait_reachable, write_connection
 
     if args.root_certificates and not args.root_certificates.is_file():
         fail(f"CA certificate {args.root_certificates} not found", 2)
+    if args.wait < 0:
+        fail(f"--wait must be >= 0 seconds, not {args.wait:g}", 2)
+    if args.wait:
+        wait_reachable(args.superlink, args.wait)
     home = Path(tmp) / "flwr"
     ca = args.root_certificates.resolve() if args.root_certificates else None
     write_connection(home, args.superlink, ca)

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedalign.errors import FedalignError
+
 
 class SplitModel(nn.Module):
     """A model made of ``encoder`` (input -> features) and ``head`` (features -> logits)."""
@@ -66,7 +68,13 @@ class ResNet18(SplitModel):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        from torchvision.models import resnet18
+        try:
+            from torchvision.models import resnet18
+        except ImportError as err:
+            raise FedalignError(
+                "model.name=resnet18 needs torchvision, which is not installed here: "
+                "pip install 'fedalign[vision]' (or build the image with TORCHVISION_VERSION)"
+            ) from err
 
         net = resnet18(weights=None, num_classes=num_classes)
         if in_channels != 3:

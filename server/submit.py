@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,24 @@ def write_connection(flwr_home: Path, address: str, root_certificates: Path | No
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "{address}"\n{security}'
     )
+
+
+def wait_reachable(address: str, seconds: float) -> None:
+    """Return once ``address`` (HOST:PORT) accepts a TCP connection; raise ``SubmitError``
+    after ``seconds``. For a SuperLink whose container starts beside ours."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise SubmitError(
+                    f"the SuperLink at {address} did not accept connections within "
+                    f"{seconds:g}s ({exc.strerror or exc}); check that it runs and listens there"
+                ) from None
+        time.sleep(0.5)
 
 
 def register_keys(public_keys: list[Path], env: dict[str, str]) -> None:

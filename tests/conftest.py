@@ -14,6 +14,23 @@ from server.processes import port_in_use
 SMALL_DOMAINS = ("mnist", "usps", "mnistm")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--containers",
+        action="store_true",
+        help="run the container tests (make test-containers): they build images with Podman",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--containers"):
+        return
+    skip = pytest.mark.skip(reason="builds images and starts containers: make test-containers")
+    for item in items:
+        if "containers" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder holding the domains the federation tests use (built once)."""

@@ -189,6 +189,12 @@ CASES = [
         "Connection to the SuperLink is unavailable",
     ),
     (
+        "submit that waits for a SuperLink nobody runs",
+        1,
+        "submit --superlink 127.0.0.1:{closed} --wait 1 rounds=1",
+        "did not accept connections within 1s",
+    ),
+    (
         "submit with a CA certificate that is missing",
         2,
         "submit --superlink 127.0.0.1:{closed} --root-certificates {empty}/ca.crt",

@@ -268,3 +268,56 @@ def test_flower_error_panel_becomes_one_line():
     ]
     assert flower_error(drawn) == "Connection to the SuperLink is unavailable. Check 'address'."
     assert flower_error(["a", "last words", ""]) == "last words"
+
+
+MAKE_SETTINGS = {
+    "DOCKER_COMPOSE", "TLS", "PROJECT", "VOLUMES", "BASE_IMAGE", "TORCH_VERSION", "WHEELS",
+    "TORCHVISION_VERSION", "TORCH_INDEX_URL", "EXTRA_CA_DIR", "FLWR_IMAGE_PREFIX", "FEDALIGN_IMAGE",
+}  # fmt: skip
+
+
+def make_dry_run(target: str, *assignments: str) -> str:
+    """The commands ``make TARGET`` would run, with only ``assignments`` set."""
+    out = subprocess.run(
+        ["make", "-n", "-s", "-C", str(REPO), target, *assignments],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if k not in MAKE_SETTINGS},
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_compose_build_takes_the_build_arguments_it_is_given():
+    plain = make_dry_run("compose-build")
+    assert "--build-arg" not in plain and " tag " not in plain, plain
+    offline = make_dry_run(
+        "compose-build",
+        "DOCKER_COMPOSE=podman-compose",
+        "BASE_IMAGE=localhost/base:1",
+        "TORCH_VERSION=2.13.0+cpu",
+        "TORCHVISION_VERSION=none",
+        "WHEELS=/srv/wheels",
+        "EXTRA_CA_DIR=/srv/ca",
+        "FLWR_IMAGE_PREFIX=localhost/fa",
+    )
+    for expected in (
+        "--podman-build-args='-v /srv/wheels:/wheels:ro'",
+        "--build-arg BASE_IMAGE=localhost/base:1",
+        "--build-arg TORCH_VERSION=2.13.0+cpu",
+        "--build-arg TORCHVISION_VERSION= ",  # none: no torchvision
+        '--build-arg "EXTRA_CA_CERTS=$(cat /srv/ca/*.crt)"',
+        "--build-arg WHEELS=/wheels",
+        "podman tag fedalign/app:latest localhost/fa/superlink:1.39.0",
+        "podman tag fedalign/app:latest localhost/fa/supernode:1.39.0",
+    ):
+        assert expected in offline, (expected, offline)
+
+
+def test_compose_up_runs_the_one_shots_first_and_podman_without_deps():
+    docker = make_dry_run("compose-up", "TLS=1")
+    order = [docker.index(step) for step in ("run --rm data", "run --rm certs", "up -d")]
+    assert order == sorted(order), docker
+    assert "--no-deps" not in docker
+    assert "up -d --no-deps" in make_dry_run("compose-up", "DOCKER_COMPOSE=podman-compose")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +102,14 @@ def test_training_refuses_a_diverging_loss():
     cfg = TrainConfig(local_steps=3, log_every=0)
     with pytest.raises(FloatingPointError, match="training loss became nan"):
         train_local(model, x, y, cfg, torch.device("cpu"), tag="silo t")
+
+
+def test_resnet18_without_torchvision_says_how_to_get_it(monkeypatch):
+    """Silo images built without torchvision (docker/app.Dockerfile) fail in one line."""
+    from fedalign.errors import FedalignError
+
+    for name in ("torchvision", "torchvision.models"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    with pytest.raises(FedalignError, match=r"needs torchvision.*fedalign\[vision\]"):
+        build_model("resnet18", num_classes=7)
+    build_model("digit_cnn", num_classes=7)  # the default model needs none

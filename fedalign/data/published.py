@@ -143,7 +143,13 @@ class TorchvisionSource:
         return tuple(TORCHVISION_DATASETS)
 
     def load(self, domain: str) -> DomainSplit:
-        import torchvision.datasets as datasets
+        try:
+            import torchvision.datasets as datasets
+        except ImportError as err:
+            raise DataError(
+                "the torchvision data source needs torchvision, which is not installed here: "
+                "pip install 'fedalign[vision]'"
+            ) from err
 
         if domain not in TORCHVISION_DATASETS:
             known = ", ".join(TORCHVISION_DATASETS)
