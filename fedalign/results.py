@@ -201,7 +201,6 @@ def ablation_table(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
     """One row per method of ``preset["ablation"]`` (method -> which blocks are on): the
     last-5 accuracy averaged over targets (mean ± std over seeds whose every target finished),
     the Group Effect averaged over all its cells, and its cost per round."""
-    targets = list(preset["targets"])
     lines = [
         "| method | blocks | average over targets | Group Effect (points) | seconds per round | "
         "MB per round (both ways) |",
@@ -209,11 +208,7 @@ def ablation_table(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
     ]
     for method, blocks in preset["ablation"].items():
         mine = [r for r in rows if r["method"] == method]
-        per_seed = []
-        for seed in preset["seeds"]:
-            values = [r["last5_accuracy"] for r in mine if r["seed"] == seed]
-            if len(values) == len(targets):
-                per_seed.append(statistics.fmean(values))
+        per_seed = seed_averages(rows, preset, method)
         effects = [r["group_effect"] for r in mine if r["group_effect"] is not None]
         effect = f"{100 * statistics.fmean(effects):+.1f}" if effects else "—"
         by_engine: dict[str, list[float]] = {}
@@ -288,6 +283,36 @@ def plot(rows: list[dict[str, Any]], preset: dict[str, Any], out: Path) -> None:
     tmp.replace(out)
 
 
+def seed_averages(rows: list[dict[str, Any]], preset: dict[str, Any], method: str) -> list[float]:
+    """The method's last-5 accuracy averaged over targets, one value per seed whose every
+    target finished."""
+    per_seed = []
+    for seed in preset["seeds"]:
+        values = [r["last5_accuracy"] for r in rows if r["method"] == method and r["seed"] == seed]
+        if len(values) == len(preset["targets"]):
+            per_seed.append(statistics.fmean(values))
+    return per_seed
+
+
+def goal_lines(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
+    """One line per goal of ``preset["goals"]`` (method -> {other: points}): the measured gain
+    on the average over targets, and whether it reaches the goal."""
+    lines = []
+    for method, over in preset.get("goals", {}).items():
+        mine = seed_averages(rows, preset, method)
+        for other, points in over.items():
+            theirs = seed_averages(rows, preset, other)
+            if not mine or not theirs:
+                lines.append(f"- {method} over {other}: goal +{points:g} points; not measured yet")
+                continue
+            gain = 100 * (statistics.fmean(mine) - statistics.fmean(theirs))
+            verdict = "met" if gain >= points else "**not met**"
+            lines.append(
+                f"- {method} over {other}: {gain:+.1f} points; goal +{points:g}: {verdict}"
+            )
+    return "\n".join(lines)
+
+
 def ablation_section(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
     """The ablation table and its legend, when the preset names an ``ablation``."""
     if "ablation" not in preset:
@@ -299,6 +324,17 @@ cells ran in (seconds compare only within one engine: in-process cells run silos
 another, side by side with another cell), and the bytes that cross the SuperLink, per round.
 
 {ablation_table(rows, preset)}
+
+{goals_paragraph(rows, preset)}"""
+
+
+def goals_paragraph(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
+    if "goals" not in preset:
+        return ""
+    return f"""Goals, on the average over targets (settings chosen on the validation federations,
+docs/validation.md, which also says what was tried):
+
+{goal_lines(rows, preset)}
 
 """
 

@@ -33,6 +33,7 @@ ENGINES = ("simulation", "deployment", "in-process")
 OPTIONAL_KEYS = {
     "per_target",  # target -> method -> extra overrides (e.g. from validation)
     "ablation",  # method -> the blocks it has on: the results' ablation table
+    "goals",  # method -> {other method: points it must gain on the average}: met or not
 }
 
 
@@ -55,6 +56,10 @@ def load_preset(name: str) -> dict[str, Any]:
     unknown = sorted(set(preset.get("ablation", {})) - set(preset["methods"]))
     if unknown:
         raise ConfigError(f"grid: ablation names methods the preset lacks: {unknown}")
+    named = {m for method, over in preset.get("goals", {}).items() for m in (method, *over)}
+    unknown = sorted(named - set(preset["methods"]))
+    if unknown:
+        raise ConfigError(f"grid: goals name methods the preset lacks: {unknown}")
     if preset["engine"] not in ENGINES:
         raise ConfigError(f"grid: engine={preset['engine']!r} (use {', '.join(ENGINES)})")
     return preset

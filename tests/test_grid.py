@@ -209,6 +209,25 @@ def test_ablation_table_averages_targets_and_reports_group_effect_and_cost():
     assert table[3] == "| f | none | — | — | 2.0 (simulation) | 1.50 |"
 
 
+def test_goal_lines_compare_averages_over_targets_and_say_met_or_not():
+    from fedalign.results import goal_lines
+
+    preset = {"targets": ["a", "b"], "seeds": [0, 1], "goals": {"k": {"v": 1.5, "f": 8.8}}}
+    acc = {("k", 0): 0.86, ("k", 1): 0.84, ("v", 0): 0.85, ("v", 1): 0.84}  # per seed, per target
+    rows = [
+        {"method": m, "seed": seed, "target": t, "last5_accuracy": value}
+        for (m, seed), value in acc.items()
+        for t in ("a", "b")
+    ]
+    rows.append({"method": "f", "seed": 0, "target": "a", "last5_accuracy": 0.7})  # b missing
+    assert goal_lines(rows, preset).splitlines() == [
+        "- k over v: +0.5 points; goal +1.5: **not met**",
+        "- k over f: goal +8.8 points; not measured yet",
+    ]
+    rows += [{"method": "f", "seed": 0, "target": "b", "last5_accuracy": 0.7}]
+    assert goal_lines(rows, preset).splitlines()[1] == "- k over f: +15.0 points; goal +8.8: met"
+
+
 def test_a_preset_ablation_must_name_its_methods(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(
@@ -216,6 +235,9 @@ def test_a_preset_ablation_must_name_its_methods(tmp_path):
         "overrides: []\nablation: {b: vote}\n"
     )
     with pytest.raises(ConfigError, match=r"ablation names methods the preset lacks: \['b'\]"):
+        load_preset(str(path))
+    path.write_text(path.read_text().replace("ablation: {b: vote}", "goals: {a: {c: 1.5}}"))
+    with pytest.raises(ConfigError, match=r"goals name methods the preset lacks: \['c'\]"):
         load_preset(str(path))
 
 
