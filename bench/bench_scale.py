@@ -99,6 +99,8 @@ def run_step(engine: str, shards: int, args: argparse.Namespace, root: Path) -> 
         "out_of_memory": sampler.out_of_memory,
         "time": time.ctime(),
     }
+    if engine == "deployment":  # warm runtimes unless the launcher found too little memory
+        result["silos_work"] = "cold" if "the silos work cold" in log.read_text() else "warm"
     metrics = run_dir / "metrics.jsonl"
     lines = [json.loads(r) for r in metrics.read_text().splitlines()] if metrics.exists() else []
     completed = code == 0 and len(lines) == args.rounds + 1
@@ -109,8 +111,9 @@ def run_step(engine: str, shards: int, args: argparse.Namespace, root: Path) -> 
         result["run_seconds"] = json.loads((run_dir / "summary.json").read_text())["wall_seconds"]
     else:
         result["log_tail"] = log.read_text().splitlines()[-3:]
+    work = f" ({result['silos_work']})" if "silos_work" in result else ""
     print(
-        f"{engine:<10} {silos:>5} silos: "
+        f"{engine:<10} {silos:>5} silos{work}: "
         + (f"round {result['mean_round_seconds']:7.2f} s, " if completed else "FAILED, ")
         + f"command {wall:7.1f} s, peak PSS {result['peak_pss_gib']:5.2f} GiB, "
         f"min free {result['min_available_gib']:5.2f} GiB, largest per kind (MiB) "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 from pathlib import Path
 
@@ -12,6 +13,11 @@ from server.inprocess import InProcessGrid, make_context  # noqa: F401 (the test
 from server.processes import port_in_use
 
 SMALL_DOMAINS = ("mnist", "usps", "mnistm")
+
+# A suite started in the background by a non-interactive shell inherits SIGINT ignored, and so
+# would every `fedalign run` it starts; the Ctrl-C tests need the default disposition.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
