@@ -44,7 +44,7 @@ export BUILDAH_FORMAT := docker
 # Podman 4.3 cannot start a container that `--requires` a running one, and runs no healthchecks:
 # podman-compose starts the services without their depends_on, and each one waits for what it
 # needs by itself (the SuperNodes and executors retry, register and submit take --wait).
-PODMAN_UP_ARGS = $(if $(findstring podman,$(DOCKER_COMPOSE)),--no-deps)
+PODMAN_UP_ARGS = $(if $(filter podman,$(CONTAINER_ENGINE)),--no-deps)
 
 help:
 	@echo "make run        real local federation (SuperLink + one SuperNode per silo), ARGS='key=value ...'"
