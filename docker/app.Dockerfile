@@ -7,7 +7,8 @@
 #   docker build -f docker/app.Dockerfile --build-arg TORCH_INDEX_URL=... .      # CPU-only torch
 #
 # Where no image registry is reachable, `make image-base` builds a base from Debian packages
-# alone and the build takes it through BASE_IMAGE (docs/containers.md, "Without a registry").
+# alone and the build takes it through BASE_IMAGE (docs/containers.md, "With Podman, and without
+# a registry").
 ARG FLWR_VERSION=1.39.0
 ARG BASE_IMAGE=flwr/superexec:${FLWR_VERSION}
 FROM ${BASE_IMAGE}

@@ -325,10 +325,11 @@ another, side by side with another cell), and the bytes that cross the SuperLink
 
 {ablation_table(rows, preset)}
 
-{goals_paragraph(rows, preset)}"""
+"""
 
 
 def goals_paragraph(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
+    """The goal lines and their legend, when the preset names ``goals``."""
     if "goals" not in preset:
         return ""
     return f"""Goals, on the average over targets (settings chosen on the validation federations,
@@ -375,7 +376,8 @@ the FedKA notebook reports):
 
 {accuracy_table(rows, preset, "best_accuracy")}
 
-{ablation_section(rows, preset)}Cost per run (means over the finished cells):
+{ablation_section(rows, preset)}{goals_paragraph(rows, preset)}Cost per run (means over the finished
+cells):
 
 {cost_table(rows, preset)}
 
