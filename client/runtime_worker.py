@@ -125,14 +125,18 @@ def listen(folder: Path, key: bytes, stack: contextlib.ExitStack) -> Listener:
 
 
 def serve(folder: Path) -> None:
-    """The worker: warm up, then serve one message per connection until killed."""
+    """The worker: listen, warm up, then serve one message per connection until killed.
+
+    It listens before it warms up: a ClientApp that connects meanwhile waits in the handshake
+    until the worker accepts, so the silo's first message is served warm even when it arrives
+    while torch is still being imported."""
     _exit_with_parent()
     started = time.time()
-    fresh_seed = warm_up()
     fingerprint = code_fingerprint()
     key = write_key(folder)
     with contextlib.ExitStack() as stack:
         listener = listen(folder, key, stack)
+        fresh_seed = warm_up()
         SERVING[0] = True
         log.info(
             "silo runtime ready at %s in %.1f s (code %s)",

@@ -245,8 +245,10 @@ class LocalFederation:
         )
 
     def wait_runtimes(self) -> None:
-        """Wait until every silo runtime serves (its socket exists); one that does not in
-        time leaves its silo's ClientApps to do the work cold, as each of them logs."""
+        """Wait until every silo runtime listens (its socket exists: it binds before it warms
+        up, and a ClientApp that connects meanwhile waits for the warm-up, so the run is
+        submitted while torch loads); one that does not in time leaves its silo's ClientApps
+        to do the work cold, as each of them logs."""
         from client.warm import SOCKET
 
         deadline = time.monotonic() + float(self.fed.startup_timeout)
@@ -264,7 +266,7 @@ class LocalFederation:
             names = ", ".join(proc.name for _, _, proc in waiting)
             self.echo(f"warning: {names} not ready within {self.fed.startup_timeout}s")
         else:
-            self.echo("silo runtimes ready: every silo handles its messages warm")
+            self.echo("silo runtimes listening: every silo handles its messages warm")
 
     def supernode_argv(self, index: int, silo: Silo) -> list[str]:
         """The ``flower-supernode`` command line of silo ``index``."""

@@ -166,11 +166,12 @@ def test_every_committed_run_record_is_current(name):
 
     preset = load_preset(name)
     root = Path(__file__).resolve().parents[1] / "results"
+    defaults = {method: default_config(preset, method) for method in preset["methods"]}
     stale = []
     for target, method, seed in cells(preset):
         path = cell_dir(root, name, target, method, seed)
         if is_complete(path) and not is_complete(
-            path, expected_config(preset, target, method, seed), default_config(preset, method)
+            path, expected_config(preset, target, method, seed), defaults[method]
         ):
             stale.append(f"{target}/{method}/seed{seed}")
     assert not stale

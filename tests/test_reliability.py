@@ -161,6 +161,7 @@ def test_ctrl_c_is_recorded_as_interrupted(digits_cache, tmp_path, when):
     ) as run:
         for line in run.stdout:
             if when in line:
+                assert carrying("FEDALIGN_TEST_MARK", marker), "the federation should be running"
                 run.send_signal(signal.SIGINT)
                 break
         _, err = run.communicate(timeout=120)

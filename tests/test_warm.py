@@ -387,7 +387,7 @@ def test_a_deployed_runtime_killed_mid_round_drops_its_silo_for_that_round_only(
 
     run_dir = tmp_path / "run"
     cfg = small_federation(
-        digits_cache, run_dir, "rounds=3", "train.local_steps=60", "federation.round_timeout=60"
+        digits_cache, run_dir, "rounds=3", "train.local_steps=30", "federation.round_timeout=60"
     )
     killed: list[int] = []
 
