@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedalign.runlog import atomic_write_text
+from fedalign import atomic
 
 COLUMNS = (
     "target",
@@ -277,10 +277,10 @@ def plot(rows: list[dict[str, Any]], preset: dict[str, Any], out: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncols=min(len(methods), 4))
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}")
-    fig.savefig(tmp, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    tmp.replace(out)
+    atomic.write_bytes(out, buffer.getvalue())
 
 
 def seed_averages(rows: list[dict[str, Any]], preset: dict[str, Any], method: str) -> list[float]:
@@ -359,7 +359,7 @@ def write_results(
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(paths["csv"], buffer.getvalue())
+    atomic.write_text(paths["csv"], buffer.getvalue())
     plot(rows, preset, paths["png"])
     text = f"""# Results: target accuracy with each domain as the unseen target (preset `{name}`)
 
@@ -385,5 +385,5 @@ cells):
 
 Raw rows: [{paths["csv"].name}]({paths["csv"].name}).
 """
-    atomic_write_text(paths["md"], text)
+    atomic.write_text(paths["md"], text)
     return paths
