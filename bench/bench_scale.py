@@ -68,7 +68,7 @@ def overrides(engine: str, shards: int, args: argparse.Namespace) -> list[str]:
 def run_step(engine: str, shards: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     run_dir = root / f"{engine}-{shards}"
     argv = [
-        sys.executable, "-m", "fedalign.cli", "run",
+        sys.executable, "-m", "cli.main", "run",
         *overrides(engine, shards, args),
         f"output.run_dir={run_dir}",
     ]  # fmt: skip

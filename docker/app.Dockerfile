@@ -33,6 +33,7 @@ COPY --chown=app:app fedalign /app/src/fedalign
 COPY --chown=app:app server /app/src/server
 COPY --chown=app:app client /app/src/client
 COPY --chown=app:app strategies /app/src/strategies
+COPY --chown=app:app cli /app/src/cli
 COPY --chown=app:app conf /app/src/conf
 WORKDIR /app/src
 

@@ -6,6 +6,9 @@ bytes. It is written to a temporary file in the same folder, flushed to disk and
 old one, so a crash leaves either the previous checkpoint or the new one, never half a file.
 ``load`` recomputes the digest: a truncated, edited or foreign file raises ``CheckpointError``
 and nothing of it is used.
+
+A run folder's checkpoint is ``CHECKPOINT``, written after every round; ``load_resume`` and
+``resume_config`` give what ``resume=true`` continues from, checked against the run's config.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
-from fedalign.data.cache import array_checksum, atomic_write_bytes
+from fedalign import atomic
+from fedalign.config import to_json, validate
+from fedalign.data.cache import array_checksum
 from fedalign.errors import FedalignError
 
 STATE = "__state__"
 FORMAT = 1
+CHECKPOINT = "checkpoint.npz"  # in a run folder: the state after the last finished round
+# Config keys that may differ between a run and its resumption (where and how it runs).
+RESUMABLE_CHANGES = ("federation", "output", "wandb", "verbose", "device", "resume", "name")
 
 
 class CheckpointError(FedalignError):
@@ -38,7 +47,7 @@ def save(path: Path, state: dict[str, Any], groups: dict[str, dict[str, np.ndarr
     flat[STATE] = np.frombuffer(json.dumps(document).encode(), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **flat)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic.write_bytes(path, buffer.getvalue())
 
 
 def load(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
@@ -63,3 +72,67 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
         group, name = key.split("/", 1)
         groups.setdefault(group, {})[name] = array
     return document["state"], groups
+
+
+def identity(cfg: DictConfig) -> str:
+    """The config as far as a resumed run must match it."""
+    values = json.loads(to_json(cfg))
+    return json.dumps(
+        {k: v for k, v in values.items() if k not in RESUMABLE_CHANGES}, sort_keys=True
+    )
+
+
+def load_resume(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The verified checkpoint of ``run_dir`` for ``resume=true`` (FedalignError if unusable)."""
+    state, groups = load(run_dir / CHECKPOINT)
+    if state.get("config") != identity(cfg):
+        raise CheckpointError(
+            f"checkpoint {run_dir / CHECKPOINT} was written with a different config (strategy, "
+            "data, model or training settings); resume it without overrides (its config.yaml is "
+            "used)"
+        )
+    return state, groups
+
+
+def resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The config to resume ``run_dir`` with: its own ``config.yaml``, with the command line's
+    overrides of keys a resumed run may change (``RESUMABLE_CHANGES``: ports, output, W&B)
+    applied; an override that would change the run itself is refused in one line. A folder
+    without ``config.yaml`` is resumed with ``cfg`` (its checkpoint is checked against it).
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The config composed from the command line.
+    run_dir : Path
+        The run folder to resume.
+    overrides : list of str
+        The command line's Hydra overrides (``key=value``).
+
+    Returns
+    -------
+    DictConfig
+        The saved config with ``resume`` and ``output.run_dir`` set to this run.
+    """
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        resumed = cfg.copy()
+    else:
+        resumed = OmegaConf.load(saved_path)
+        for override in overrides:
+            key = override.lstrip("+~").split("=", 1)[0]
+            if "=" not in override or key.startswith(("hydra.", "hydra/")):
+                continue
+            value = OmegaConf.select(cfg, key)
+            if key.split(".")[0].split("/")[0] in RESUMABLE_CHANGES:
+                OmegaConf.update(resumed, key, value, force_add=True)
+            elif value != OmegaConf.select(resumed, key):
+                raise CheckpointError(
+                    f"resume: {override} would change the run in {run_dir} (its config.yaml "
+                    f"has {key}={OmegaConf.select(resumed, key)}); resume without it, or start "
+                    "a new run"
+                )
+    OmegaConf.update(resumed, "resume", cfg.resume, force_add=True)
+    OmegaConf.update(resumed, "output.run_dir", str(run_dir), force_add=True)
+    validate(resumed)
+    return resumed

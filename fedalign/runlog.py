@@ -10,14 +10,15 @@ Layout of ``<run_dir>``:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from fedalign import atomic
 
 log = logging.getLogger("fedalign.run")
 
@@ -34,22 +35,6 @@ DIAGNOSTICS = (
 )
 PLOT_EVERY = 30.0  # seconds: accuracy.png is redrawn at most this often, and at the end
 MAX_SILO_LINES = 12  # more silos than this (data.shards): the sources are drawn as mean and range
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def source_accuracies(line: dict[str, Any], sources: list[str]) -> list[float]:
@@ -112,7 +97,7 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         from omegaconf import OmegaConf
 
-        atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(config))
+        atomic.write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(config))
         if state is not None:
             self.restore(state)
         else:
@@ -235,11 +220,11 @@ class RunRecorder:
             axis.grid(alpha=0.3)
             axis.legend(fontsize=8, loc="best")
         out = self.run_dir / "accuracy.png"
-        tmp = out.with_name(".accuracy.tmp.png")
         fig.tight_layout()
-        fig.savefig(tmp)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
         plt.close(fig)
-        os.replace(tmp, out)
+        atomic.write_bytes(out, buffer.getvalue())
         self._plotted = time.perf_counter()
         return out
 
@@ -260,7 +245,7 @@ class RunRecorder:
             setattr(self, name, defaultdict(dict, {int(r): v for r, v in state[name].items()}))
         self.lines = list(state["lines"])
         self.start = time.perf_counter() - float(state["elapsed"])
-        atomic_write_text(
+        atomic.write_text(
             self.run_dir / "metrics.jsonl", "".join(json.dumps(x) + "\n" for x in self.lines)
         )
 
@@ -301,7 +286,7 @@ class RunRecorder:
             "bytes_received": sum(row["bytes_received"] for row in self.lines),
             **extra,
         }
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic.write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.tracker is not None:
             self.tracker.summary.update({k: v for k, v in summary.items() if v is not None})
             self.tracker.finish(exit_code=0 if status == "completed" else 1)
@@ -314,7 +299,7 @@ def mark_summary(run_dir: Path, status: str, error: str | None) -> None:
     path = Path(run_dir) / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     summary.update(status=status, error=error)
-    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(path, json.dumps(summary, indent=2) + "\n")
 
 
 def _flat_for_tracker(line: dict[str, Any]) -> dict[str, float]:

@@ -13,6 +13,7 @@ predictions. Every message is described in ``boundary.jsonl`` (server/audit.py).
 from __future__ import annotations
 
 import datetime as dt
+import io
 import logging
 import os
 import sys
@@ -23,8 +24,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from fedalign import checkpoint
-from fedalign.config import compose, from_json, silos, to_json, validate
+from fedalign import atomic, checkpoint
+from fedalign.config import compose, from_json, silos, validate
 from fedalign.errors import FedalignError
 from fedalign.runlog import RunRecorder
 from server.audit import BoundaryAudit
@@ -35,10 +36,7 @@ from strategies.utils import to_config, to_record
 log = logging.getLogger("fedalign.server")
 app = ServerApp()
 LOG_PREFIX = "fedalign |"
-CHECKPOINT = "checkpoint.npz"
 OUTPUTS_ENV = "FEDALIGN_OUTPUTS"
-# Config keys that may differ between a run and its resumption (where and how it runs).
-RESUMABLE_CHANGES = ("federation", "output", "wandb", "verbose", "device", "resume", "name")
 
 
 def setup_logging() -> None:
@@ -78,72 +76,6 @@ def run_key(run_dir: Path) -> str:
     import hashlib
 
     return f"{run_dir.name}-{hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]}"
-
-
-def identity(cfg: DictConfig) -> str:
-    """The config as far as a resumed run must match it."""
-    import json
-
-    values = json.loads(to_json(cfg))
-    return json.dumps(
-        {k: v for k, v in values.items() if k not in RESUMABLE_CHANGES}, sort_keys=True
-    )
-
-
-def load_resume(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The verified checkpoint of ``run_dir`` for ``resume=true`` (FedalignError if unusable)."""
-    state, groups = checkpoint.load(run_dir / CHECKPOINT)
-    if state.get("config") != identity(cfg):
-        raise checkpoint.CheckpointError(
-            f"checkpoint {run_dir / CHECKPOINT} was written with a different config (strategy, "
-            "data, model or training settings); resume it without overrides (its config.yaml is "
-            "used)"
-        )
-    return state, groups
-
-
-def resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The config to resume ``run_dir`` with: its own ``config.yaml``, with the command line's
-    overrides of keys a resumed run may change (``RESUMABLE_CHANGES``: ports, output, W&B)
-    applied; an override that would change the run itself is refused in one line. A folder
-    without ``config.yaml`` is resumed with ``cfg`` (its checkpoint is checked against it).
-
-    Parameters
-    ----------
-    cfg : DictConfig
-        The config composed from the command line.
-    run_dir : Path
-        The run folder to resume.
-    overrides : list of str
-        The command line's Hydra overrides (``key=value``).
-
-    Returns
-    -------
-    DictConfig
-        The saved config with ``resume`` and ``output.run_dir`` set to this run.
-    """
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        resumed = cfg.copy()
-    else:
-        resumed = OmegaConf.load(saved_path)
-        for override in overrides:
-            key = override.lstrip("+~").split("=", 1)[0]
-            if "=" not in override or key.startswith(("hydra.", "hydra/")):
-                continue
-            value = OmegaConf.select(cfg, key)
-            if key.split(".")[0].split("/")[0] in RESUMABLE_CHANGES:
-                OmegaConf.update(resumed, key, value, force_add=True)
-            elif value != OmegaConf.select(resumed, key):
-                raise checkpoint.CheckpointError(
-                    f"resume: {override} would change the run in {run_dir} (its config.yaml "
-                    f"has {key}={OmegaConf.select(resumed, key)}); resume without it, or start "
-                    "a new run"
-                )
-    OmegaConf.update(resumed, "resume", cfg.resume, force_add=True)
-    OmegaConf.update(resumed, "output.run_dir", str(run_dir), force_add=True)
-    validate(resumed)
-    return resumed
 
 
 def message_configs(
@@ -214,8 +146,8 @@ def run(
         strategy.restore(int(state["round"]) + 1, groups)
         initial = to_record(groups["arrays"])
         torch.set_rng_state(torch.from_numpy(groups["rng"]["torch"]))
-        log.info("resuming after round %d (checkpoint %s)", state["round"], CHECKPOINT)
-    identity_text = identity(cfg)
+        log.info("resuming after round %d (checkpoint %s)", state["round"], checkpoint.CHECKPOINT)
+    identity_text = checkpoint.identity(cfg)
 
     def save_checkpoint(rnd: int, arrays: Any) -> None:
         groups = {
@@ -224,7 +156,7 @@ def run(
             **strategy.checkpoint_groups(),
         }
         state = {"round": rnd, "config": identity_text, "recorder": recorder.state()}
-        checkpoint.save(recorder.run_dir / CHECKPOINT, state, groups)
+        checkpoint.save(recorder.run_dir / checkpoint.CHECKPOINT, state, groups)
 
     strategy.on_round_end = save_checkpoint
     strategy.start(
@@ -236,9 +168,9 @@ def run(
         evaluate_config=to_config(eval_cfg),
     )
     final = {name: array.numpy() for name, array in strategy.final_arrays.items()}
-    tmp = recorder.run_dir / ".final_weights.tmp.npz"
-    np.savez(tmp, **final)
-    tmp.replace(recorder.run_dir / "final_weights.npz")
+    buffer = io.BytesIO()
+    np.savez(buffer, **final)
+    atomic.write_bytes(recorder.run_dir / "final_weights.npz", buffer.getvalue())
     return {"silos": {str(n): s.domain for n, s in roster.items()}}
 
 
@@ -252,7 +184,7 @@ def main(grid: Grid, context: Context) -> None:
     resume = None
     if bool(OmegaConf.select(cfg, "resume", default=False)):
         try:  # verified before anything in the run folder is touched
-            resume = load_resume(cfg, run_dir)
+            resume = checkpoint.load_resume(cfg, run_dir)
         except FedalignError as exc:
             log.error("error: %s", exc)
             raise

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,23 +28,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedalign import atomic
 from fedalign.errors import FedalignError
 
 DEFAULT_SANS = ("127.0.0.1", "::1", "localhost")
 VALID_DAYS = 365
+PRIVATE = 0o600  # keys: readable by this user alone
 
 
 class CertificateError(FedalignError):
     """Certificates could not be made or are not usable."""
-
-
-def _write(path: Path, data: bytes, private: bool = False) -> None:
-    """Write atomically; private files are created 0600."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    tmp.replace(path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -126,32 +118,32 @@ def make_certificates(
     if not paths["ca"].exists():
         ca_key = ec.generate_private_key(ec.SECP384R1())
         ca = _certificate("fedalign federation CA", ca_key)
-        _write(paths["ca_key"], _key_pem(ca_key), private=True)
-        _write(paths["ca"], ca.public_bytes(serialization.Encoding.PEM))
+        atomic.write_bytes(paths["ca_key"], _key_pem(ca_key), mode=PRIVATE)
+        atomic.write_bytes(paths["ca"], ca.public_bytes(serialization.Encoding.PEM))
     ca, ca_key = load_ca(out)
     if not paths["cert"].exists():
         key = ec.generate_private_key(ec.SECP384R1())
         cert = _certificate("fedalign superlink", key, ca.subject, ca_key, sans)
-        _write(paths["key"], _key_pem(key), private=True)
-        _write(paths["cert"], cert.public_bytes(serialization.Encoding.PEM))
+        atomic.write_bytes(paths["key"], _key_pem(key), mode=PRIVATE)
+        atomic.write_bytes(paths["cert"], cert.public_bytes(serialization.Encoding.PEM))
     for silo in silos:
         private = out / "silos" / silo
         if private.exists():
             continue
         key = ec.generate_private_key(ec.SECP384R1())
-        _write(
+        atomic.write_bytes(
             private,
             key.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.OpenSSH,
                 serialization.NoEncryption(),
             ),
-            private=True,
+            mode=PRIVATE,
         )
         public = key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
-        _write(private.with_name(f"{silo}.pub"), public + b"\n")
+        atomic.write_bytes(private.with_name(f"{silo}.pub"), public + b"\n")
     return paths
 
 

@@ -23,10 +23,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from fedalign import atomic
 from fedalign.config import CONF_DIR, ConfigError, compose, silos, validate
+from fedalign.data.prepare import ensure_data
 from fedalign.errors import FedalignError
 from fedalign.results import cell_dir, is_complete
-from fedalign.runlog import atomic_write_text
 
 PRESET_KEYS = {"name", "engine", "targets", "methods", "seeds", "overrides"}
 ENGINES = ("simulation", "deployment", "in-process")
@@ -157,7 +158,7 @@ def run_cell(
         summary = launch(cfg, path, echo=lambda *_: None)
     seconds = time.perf_counter() - start
     clock = {"seconds": round(seconds, 2), "engine": preset["engine"], "workers": workers}
-    atomic_write_text(path / "cell.json", json.dumps(clock))
+    atomic.write_text(path / "cell.json", json.dumps(clock))
     return {"summary": summary, "seconds": seconds}
 
 
@@ -204,8 +205,6 @@ def run_grid(
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-
-    from fedalign.cli import ensure_data
 
     workers = default_workers(preset) if workers is None else workers
     if workers < 1 or (workers > 1 and preset["engine"] != "in-process"):

@@ -75,10 +75,10 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for message in messages:
+            # Flower 1.39 has no public setter for a message ID; its own grids write it so too.
             message.metadata.__dict__["_message_id"] = message.object_id
+            # The reply is Message(..., reply_to=message): its source and reply-to ID follow.
             reply = self.client_app(message, self.contexts[message.metadata.dst_node_id])
-            reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
-            reply.metadata.__dict__["_reply_to_message_id"] = message.object_id
             if self.intercept is not None:
                 reply = self.intercept(message, reply)
             self.pending[message.object_id] = reply

@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedalign.checkpoint import CHECKPOINT, load_resume
 from fedalign.config import Silo, external_silos, silos
 from fedalign.errors import FedalignError
 from server.processes import ProcessSet, port_in_use
@@ -378,8 +379,6 @@ class LocalFederation:
 def resumable_run(cfg: DictConfig) -> Path:
     """For ``resume``: the folder ``resume=<run folder>`` or ``output.run_dir`` names, else
     (``resume=true``) the unfinished run under ``output.root`` whose checkpoint is newest."""
-    from server.app import CHECKPOINT
-
     chosen = OmegaConf.select(cfg, "output.run_dir")
     if not isinstance(cfg.resume, bool):
         chosen = str(cfg.resume)
@@ -413,8 +412,6 @@ def launch(cfg: DictConfig, run_dir: Path, echo: Any = print) -> dict[str, Any]:
     run_dir = run_dir.resolve()
     OmegaConf.update(cfg, "output.run_dir", str(run_dir), force_add=True)
     if bool(OmegaConf.select(cfg, "resume", default=False)):
-        from server.app import CHECKPOINT, load_resume
-
         state, _ = load_resume(cfg, run_dir)
         echo(f"resuming {run_dir} after round {state['round']} of {cfg.rounds} ({CHECKPOINT})")
         keep_log(run_dir / "logs" / "server.log")  # the earlier attempt's, as server.1.log

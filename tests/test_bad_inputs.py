@@ -19,9 +19,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedalign import checkpoint
+from fedalign.checkpoint import identity
 from fedalign.config import compose
 from fedalign.data.feature_shift import write_feature_shift
-from server.app import identity
 from server.certs import check_certificates, make_certificates
 from server.launcher import LaunchError, LocalFederation
 from server.processes import carrying, free_port

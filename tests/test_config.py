@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedalign.cli import prevalidate
+from cli.run import prevalidate
 from fedalign.config import ConfigError, compose, from_json, silos, to_json, validate
 
 FEDALIGN = str(Path(sys.executable).parent / "fedalign")

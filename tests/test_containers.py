@@ -113,6 +113,7 @@ def test_image_context_holds_only_code():
         "server",
         "client",
         "strategies",
+        "cli",
         "conf",
     }
     copied = [

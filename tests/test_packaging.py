@@ -30,6 +30,7 @@ def test_fab_holds_only_code_and_configs(tmp_path):
     names = zipfile.ZipFile(fab).namelist()
     assert "server/app.py" in names and "client/app.py" in names and "conf/config.yaml" in names
     assert not [n for n in names if n.startswith(("outputs/", "tests/", ".venv/"))]
+    assert not [n for n in names if n.startswith("cli/")]  # the command line stays home
     allowed = (".py", ".yaml", ".toml", ".sha256", ".json")
     assert all(n.endswith(allowed) or n.startswith(".info/") for n in names), names
     assert not [n for n in names if n.endswith(".json") and not n.startswith(".info/")]

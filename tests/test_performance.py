@@ -171,8 +171,8 @@ def test_executor_poll_interval_reaches_flower_processes(tmp_path):
 def test_plot_log_and_table_summarise_many_silos(tmp_path, caplog, monkeypatch):
     from rich.console import Console
 
+    from cli.round_table import print_results
     from fedalign import runlog
-    from fedalign.cli import print_results
 
     clock = [0.0]  # the recorder's clock: rounds 10 s apart, without waiting for them
     monkeypatch.setattr(runlog.time, "perf_counter", lambda: clock[0])

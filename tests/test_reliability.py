@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from fedalign.cli import print_results
+from cli.round_table import print_results
 from fedalign.config import compose, silos
 from server.inprocess import run_in_process
 from server.launcher import LocalFederation

@@ -10,9 +10,10 @@ import pytest
 
 from client.app import app as client_app
 from fedalign import checkpoint
+from fedalign.checkpoint import CHECKPOINT, load_resume
 from fedalign.config import compose, validate
 from fedalign.runlog import RunRecorder
-from server.app import CHECKPOINT, load_resume, run
+from server.app import run
 from tests.conftest import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")

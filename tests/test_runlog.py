@@ -9,7 +9,7 @@ import re
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from fedalign.cli import print_results
+from cli.round_table import print_results
 from fedalign.config import compose
 from fedalign.runlog import RunRecorder
 

@@ -43,7 +43,7 @@ def test_certs_folder_has_a_ca_a_superlink_certificate_and_silo_keys(tmp_path):
 
 
 def test_certs_command_makes_a_key_for_every_silo_of_the_config(tmp_path, capsys):
-    from fedalign.cli import main
+    from cli.main import main
 
     main(["certs", str(tmp_path / "a"), "data.domains=[mnist,usps,mnistm]", "data.shards=2"])
     keys = sorted(p.name for p in (tmp_path / "a" / "silos").glob("*.pub"))

@@ -5,11 +5,10 @@ Layout: ``<cache>/digits5/<domain>.npz`` holds a domain's arrays and
 shapes and dtypes, and a sha256 over the array contents (see ``array_checksum``), so that a
 corrupt or stale file is noticed whatever the zip container looks like.
 
-Concurrency: every file is written atomically (temp file in the same folder, fsync,
-``os.replace``). Building a domain holds ``.<domain>.lock`` (``fcntl.flock``), so two processes
-asking for the same domain build it once; updating the manifest holds ``.manifest.lock`` for the
-read-modify-write only, so processes building different domains run in parallel and each
-entry survives.
+Concurrency: every file is written atomically (``fedalign/atomic.py``). Building a domain
+holds ``.<domain>.lock`` (``fcntl.flock``), so two processes asking for the same domain build it
+once; updating the manifest holds ``.manifest.lock`` for the read-modify-write only, so
+processes building different domains run in parallel and each entry survives.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
+from fedalign import atomic
 from fedalign.data.digits5 import (
     BUILDER_VERSION,
     DIGIT_CLASSES,
@@ -68,28 +67,6 @@ def array_checksum(arrays: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o644)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block. In a folder
@@ -120,13 +97,13 @@ def _record(root: Path, name: str, entry: dict[str, Any]) -> None:
     with _locked(root / ".manifest.lock"):
         domains = _read_manifest(root) | {name: entry}
         text = json.dumps({"format": 1, "domains": domains}, indent=2, sort_keys=True)
-        atomic_write_bytes(root / MANIFEST, (text + "\n").encode())
+        atomic.write_bytes(root / MANIFEST, (text + "\n").encode())
 
 
 def _write_domain(root: Path, name: str, seed: int, arrays: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(root / f"{name}.npz", buffer.getvalue())
+    atomic.write_bytes(root / f"{name}.npz", buffer.getvalue())
     _record(
         root,
         name,

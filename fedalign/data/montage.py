@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedalign.data.cache import atomic_write_bytes, load_domain
+from fedalign import atomic
+from fedalign.data.cache import load_domain
 from fedalign.data.digits5 import DIGITS5_DOMAINS
 from fedalign.data.types import DomainSplit
 
@@ -71,5 +72,5 @@ def write_split_montage(
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    atomic_write_bytes(out_png, buffer.getvalue())
+    atomic.write_bytes(out_png, buffer.getvalue())
     return out_png
