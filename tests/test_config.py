@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,34 @@ def test_overrides_reach_the_job_config():
     )
     assert done.returncode == 0, done.stderr
     assert "seed: 3" in done.stdout and "target: usps" in done.stdout
+
+
+MULTIRUN = """
+import json, sys
+import cli.run, server.launcher
+
+def launch(cfg, run_dir, echo=print):  # stands in for the federation: tests/test_e2e.py runs one
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "launched.json").write_text(json.dumps({"seed": cfg.seed, "rounds": cfg.rounds}))
+    return {"final_target_accuracy": 0.5}
+
+server.launcher.launch = launch
+cli.run.print_results = lambda run_dir, console: None
+from cli.main import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_multirun_sweep_launches_one_federation_per_job(tmp_path, digits_cache):
+    args = ["run", "-m", "seed=0,1", "rounds=1", "data.domains=[mnist,usps,mnistm]"]
+    args += [f"data.cache_dir={digits_cache}", f"output.root={tmp_path}", "wandb.mode=disabled"]
+    done = subprocess.run(
+        [sys.executable, "-c", MULTIRUN, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    jobs = sorted((tmp_path / "multirun").glob("*/*/launched.json"))
+    launched = sorted((json.loads(p.read_text())["seed"], p.parent.name) for p in jobs)
+    assert launched == [(0, "0-fedavg-mnistm"), (1, "1-fedavg-mnistm")]  # a run folder per job
 
 
 def test_hydra_usage_errors_are_one_line():

@@ -124,11 +124,13 @@ def test_image_context_holds_only_code():
     assert {Path(c).name for c in copied} | {"pyproject.toml", "README.md"} == allowed
 
 
-def run_short_federation(topology: Topology, executors: list[str], submit: str) -> None:
+def run_short_federation(
+    topology: Topology, executors: list[str], submit: str, extra: tuple[str, ...] = ()
+) -> None:
     """Once every silo's executor is healthy, the submit service runs a short federation."""
     for key in executors:
         topology.wait_healthy(key)
-    out = topology.run_once(submit, SHORT)
+    out = topology.run_once(submit, (*SHORT, *extra))
     assert "finished:completed" in out, out[-2000:]
 
 
@@ -179,17 +181,19 @@ def test_one_host_compose_federation_runs(tmp_path):
 @needs_compose
 @needs_netns
 def test_multi_machine_recipes_with_tls_and_authentication(tmp_path):
-    """The server machine and five silo machines, each silo from its own env file."""
+    """The server machine and three silo machines (two sources and the target), each silo
+    from its own env file."""
+    sites = {domain: SILOS[domain] for domain in ("mnist", "usps", "mnistm")}
     from fedalign.data import build_all
     from server.certs import make_certificates
 
     secrets = tmp_path / "operator"
-    make_certificates(secrets, list(SILOS), sans=["link.example.org", "superlink", "localhost"])
+    make_certificates(secrets, list(sites), sans=["link.example.org", "superlink", "localhost"])
     server_secrets = tmp_path / "server-secrets"
     (server_secrets / "silos").mkdir(parents=True)
     for name in ("ca.crt", "superlink.crt", "superlink.key"):
         shutil.copy2(secrets / name, server_secrets / name)
-    for domain in SILOS:
+    for domain in sites:
         shutil.copy2(secrets / "silos" / f"{domain}.pub", server_secrets / "silos")
     server_env = example_env(
         "server",
@@ -203,7 +207,7 @@ def test_multi_machine_recipes_with_tls_and_authentication(tmp_path):
             [DOCKER / "server.compose.yml"], env_file_values(server_env), "server"
         )
         topology.add_project("server", server, profiles=("run",))
-        for domain, role in SILOS.items():
+        for domain, role in sites.items():
             site = tmp_path / "sites" / domain  # only ca.crt, its key and its data
             (site / "secrets").mkdir(parents=True)
             shutil.copy2(secrets / "ca.crt", site / "secrets")
@@ -224,9 +228,12 @@ def test_multi_machine_recipes_with_tls_and_authentication(tmp_path):
         # The silos reach the server machine by its name, on the ports it publishes.
         topology.write_hosts({"link.example.org": "server/superlink"})
         topology.up("server")
-        for domain in SILOS:
+        for domain in sites:
             topology.up(domain)
-        run_short_federation(topology, [f"{d}/clientapp" for d in SILOS], "server/submit")
+        domains = f"data.domains=[{','.join(sites)}]"
+        run_short_federation(
+            topology, [f"{d}/clientapp" for d in sites], "server/submit", (domains,)
+        )
     finally:
         leftovers = topology.close()
     assert leftovers == [], "every process of the topology must end"

@@ -96,24 +96,16 @@ def test_deployment_used_separate_flower_processes(deployment_run):
 
 
 def test_simulation_reproduces_the_deployment(deployment_run, digits_cache, tmp_path):
-    """A Hydra multirun sweep (``-m seed=0,1``) runs one simulation per job; the seed-0 job is
-    the deployment's config."""
     deployed, _ = deployment_run
     marker = uuid.uuid4().hex
-    args = overrides(digits_cache, tmp_path, "wandb.mode=disabled", simulation=True)
-    done = run_cli(["simulate", "-m", "seed=0,1", *args], marker)
+    done = run_cli(
+        ["simulate", *overrides(digits_cache, tmp_path, "wandb.mode=disabled", simulation=True)],
+        marker,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    jobs = {}
-    for path in sorted((tmp_path / "multirun").glob("*/*/summary.json")):
-        config = (path.parent / "config.yaml").read_text().splitlines()
-        seed = next(int(line.split(":")[1]) for line in config if line.startswith("seed:"))
-        jobs[seed] = path.parent
-    assert sorted(jobs) == [0, 1]
-    summaries = {seed: json.loads((f / "summary.json").read_text()) for seed, f in jobs.items()}
-    assert all(summary["status"] == "completed" for summary in summaries.values())
+    sim = json.loads((run_folder(done.stdout) / "summary.json").read_text())
     dep = json.loads((run_folder(deployed.stdout) / "summary.json").read_text())
-    assert summaries[0]["final_silo_accuracy"] == dep["final_silo_accuracy"]
-    assert summaries[1]["final_silo_accuracy"] != dep["final_silo_accuracy"]
+    assert sim["final_silo_accuracy"] == dep["final_silo_accuracy"]
     assert marked_pids(marker) == []
     # the warm deployment, the simulation and one process learn the same weights, bit for bit
     from fedalign.config import compose
@@ -121,7 +113,7 @@ def test_simulation_reproduces_the_deployment(deployment_run, digits_cache, tmp_
 
     cfg = compose(overrides(digits_cache, tmp_path, "wandb.mode=disabled", simulation=True))
     run_in_process(cfg, tmp_path / "in-process", threads=int(cfg.federation.threads_per_silo))
-    runs = [run_folder(deployed.stdout), jobs[0], tmp_path / "in-process"]
+    runs = [run_folder(deployed.stdout), run_folder(done.stdout), tmp_path / "in-process"]
     weights = [dict(np.load(folder / "final_weights.npz")) for folder in runs]
     for name, array in weights[0].items():
         assert array.tobytes() == weights[1][name].tobytes() == weights[2][name].tobytes(), name
