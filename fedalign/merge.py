@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedalign.settings.fisher import FisherSettings
+
 _BLOCK = 1 << 15
 
 
@@ -22,7 +24,7 @@ def fisher_merge(
     params: list[list[np.ndarray]],
     fishers: list[list[np.ndarray]],
     weights: list[float] | None = None,
-    floor: float = 1e-6,
+    floor: float = FisherSettings.floor,
     normalize: bool = False,
 ) -> list[np.ndarray]:
     """Merge K silos' parameters, each entry weighted by the silos' diagonal Fisher.
@@ -37,7 +39,7 @@ def fisher_merge(
     weights : list of float, optional
         Positive silo weights ``lambda_i`` (e.g. example counts), normalised to sum 1.
         Uniform when omitted.
-    floor : float
+    floor : float (default: ``FisherSettings.floor``)
         Lower bound applied to every Fisher entry, so entries no silo is informed about get
         the ``lambda``-weighted average. Must be positive.
     normalize : bool

@@ -24,21 +24,27 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
 from fedalign import checkpoint
-from fedalign.config import compose, from_json, silos, to_json, validate
+from fedalign.config import (
+    RUN_LOCAL_KEYS,
+    compose,
+    from_json,
+    learning_config,
+    silos,
+    to_json,
+    validate,
+)
 from fedalign.errors import FedalignError
+from fedalign.protocol import to_config, to_record
 from fedalign.runlog import RunRecorder
 from server.audit import BoundaryAudit
 from server.discovery import discover_silos
 from server.grid import MeteredGrid
-from strategies.utils import to_config, to_record
 
 log = logging.getLogger("fedalign.server")
 app = ServerApp()
 LOG_PREFIX = "fedalign |"
 CHECKPOINT = "checkpoint.npz"
 OUTPUTS_ENV = "FEDALIGN_OUTPUTS"
-# Config keys that may differ between a run and its resumption (where and how it runs).
-RESUMABLE_CHANGES = ("federation", "output", "wandb", "verbose", "device", "resume", "name")
 
 
 def setup_logging() -> None:
@@ -84,10 +90,7 @@ def identity(cfg: DictConfig) -> str:
     """The config as far as a resumed run must match it."""
     import json
 
-    values = json.loads(to_json(cfg))
-    return json.dumps(
-        {k: v for k, v in values.items() if k not in RESUMABLE_CHANGES}, sort_keys=True
-    )
+    return json.dumps(learning_config(json.loads(to_json(cfg))), sort_keys=True)
 
 
 def load_resume(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -104,7 +107,7 @@ def load_resume(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[st
 
 def resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
     """The config to resume ``run_dir`` with: its own ``config.yaml``, with the command line's
-    overrides of keys a resumed run may change (``RESUMABLE_CHANGES``: ports, output, W&B)
+    overrides of keys a resumed run may change (``RUN_LOCAL_KEYS``: ports, output, W&B)
     applied; an override that would change the run itself is refused in one line. A folder
     without ``config.yaml`` is resumed with ``cfg`` (its checkpoint is checked against it).
 
@@ -132,7 +135,7 @@ def resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictC
             if "=" not in override or key.startswith(("hydra.", "hydra/")):
                 continue
             value = OmegaConf.select(cfg, key)
-            if key.split(".")[0].split("/")[0] in RESUMABLE_CHANGES:
+            if key.split(".")[0].split("/")[0] in RUN_LOCAL_KEYS:
                 OmegaConf.update(resumed, key, value, force_add=True)
             elif value != OmegaConf.select(resumed, key):
                 raise checkpoint.CheckpointError(
