@@ -19,6 +19,7 @@ from fedalign.settings.fedavg import FedAvgSettings, WireValue
 MODES = ("exact", "empirical", "sampled")
 WEIGHTINGS = ("examples", "uniform")
 TRANSPORTS = ("float32", "float16")
+MIN_FLOOR = 1e-30  # the smallest Fisher floor: the config and the merge refuse less
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class FisherSettings:
     samples : int (default: 512)
         Examples per silo per round.
     floor : float (default: 1e-6)
-        ``F~ = max(F, floor)`` in the merge; positive.
+        ``F~ = max(F, floor)`` in the merge; at least ``MIN_FLOOR``.
     normalize : bool (default: True)
         Divide each silo's weight by its Fisher's global L2 norm.
     weighting : {"examples", "uniform"} (default: "examples")
@@ -54,7 +55,7 @@ class FisherSettings:
         return cls(
             mode=choice(cfg, f"{key}.mode", MODES),
             samples=int(number(cfg, f"{key}.samples")),
-            floor=float(number(cfg, f"{key}.floor", float, minimum=1e-30)),
+            floor=float(number(cfg, f"{key}.floor", float, minimum=MIN_FLOOR)),
             normalize=bool(OmegaConf.select(cfg, f"{key}.normalize")),
             weighting=choice(cfg, f"{key}.weighting", WEIGHTINGS),
             transport=choice(cfg, f"{key}.transport", TRANSPORTS),
