@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context
 
-from strategies.utils import from_record, to_record
+from fedalign.protocol import from_record, to_record
+from fedalign.settings.fedka import SourceAlignment
 
 log = logging.getLogger("fedalign.client")
 WEIGHTS = "discriminator"  # Context.state keys
@@ -22,7 +23,7 @@ META = "discriminator-meta"
 
 
 def build(
-    context: Context, embeddings: np.ndarray, cfg: dict[str, Any], train_cfg: Any, tag: str
+    context: Context, embeddings: np.ndarray, wanted: SourceAlignment, train_cfg: Any, tag: str
 ) -> Any:
     """This round's :class:`fedalign.train.Adversary`, or None when the disentangler is off.
 
@@ -32,8 +33,8 @@ def build(
         The silo's Flower context; its state holds the discriminator of earlier rounds.
     embeddings : np.ndarray
         (M, D) target embeddings received this round.
-    cfg : dict
-        The message's config: ``disentangle-weight``, ``reversal-scale``, ``disentangle-hidden``.
+    wanted : SourceAlignment
+        The round's alignment settings: the disentangler's weight, reversal scale, width.
     train_cfg : TrainConfig
         The silo's local-update settings (the discriminator uses the same optimizer and lr).
     tag : str
@@ -43,10 +44,10 @@ def build(
     from fedalign.models import set_weights
     from fedalign.train import Adversary, load_optimizer_state, make_optimizer
 
-    weight = float(cfg.get("disentangle-weight", 0.0))
+    weight = wanted.disentangle_weight
     if weight <= 0:
         return None
-    hidden = int(cfg.get("disentangle-hidden", 100))
+    hidden = wanted.disentangle_hidden
     meta = {"feature-dim": int(embeddings.shape[1]), "hidden": hidden}
     discriminator = new_discriminator(meta["feature-dim"], hidden, train_cfg.seed)
     optimizer = make_optimizer(discriminator, train_cfg)
@@ -63,7 +64,7 @@ def build(
         optimizer=optimizer,
         embeddings=embeddings,
         weight=weight,
-        reversal=float(cfg.get("reversal-scale", 1.0)),
+        reversal=wanted.reversal_scale,
     )
 
 

@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 from client import runtime, source, state, target, warm
 from fedalign.config import ConfigError
 from fedalign.data import DataError
-from strategies.utils import ARRAYS, METRICS, SILO
+from fedalign.protocol import ARRAYS, METRICS, SILO
 
 log = logging.getLogger("fedalign.client")
 app = ClientApp(mods=[warm.forward])  # a warm silo runtime handles the message when one serves

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from client.silo import SiloIdentity, identify
 from fedalign.config import ConfigError, parse_shard
 from fedalign.data import DomainSplit, get_source
-from strategies.utils import CONFIG, METRICS, from_record, to_config
+from fedalign.protocol import CONFIG, METRICS, from_record, to_config
 
 
 @functools.lru_cache(maxsize=8)

@@ -74,7 +74,7 @@ def handle(conn: Connection, fingerprint: str, fresh_seed: int) -> None:
     from flwr.proto.message_pb2 import Message as ProtoMessage
 
     from client.app import app
-    from strategies.utils import CONFIG
+    from fedalign.protocol import CONFIG
 
     hello = json.loads(conn.recv_bytes())
     if hello.get("protocol") != PROTOCOL or hello.get("code") != fingerprint:

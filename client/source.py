@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from client import adversary as disentangler
 from client import runtime, state
 from fedalign.config import ConfigError
-from strategies.utils import (
+from fedalign.protocol import (
     ARRAYS,
     CLASS_STATS,
     EMBEDDINGS,
@@ -21,6 +21,10 @@ from strategies.utils import (
     from_record,
     to_record,
 )
+from fedalign.settings.fedbn import FedBNSettings
+from fedalign.settings.fedka import SourceAlignment
+from fedalign.settings.fedprox import FedProxSettings
+from fedalign.settings.fisher import FisherSettings
 
 log = logging.getLogger("fedalign.client")
 OPTIMIZER = "optimizer"  # Context.state keys: the local optimizer survives across rounds
@@ -39,7 +43,9 @@ def train(message: Message, context: Context) -> Message:
     model = runtime.build(cfg, message.content[ARRAYS])
     tag = f"silo {silo.domain} round {cfg.get('server-round', 0)}:"
     state.ensure(context, silo, cfg, tag)
-    local_batchnorm = bool(cfg.get("local-batchnorm", False))
+    local_batchnorm = FedBNSettings.from_wire(cfg) is not None
+    prox = FedProxSettings.from_wire(cfg)
+    wanted = SourceAlignment.from_wire(cfg)
     if local_batchnorm:
         restore_batchnorm(context, model)
     device = runtime.device(silo, cfg)
@@ -52,18 +58,18 @@ def train(message: Message, context: Context) -> Message:
     align = adversary = class_align = None
     if EMBEDDINGS in message.content.array_records:
         embeddings = from_record(message.content[EMBEDDINGS])[EMBEDDINGS].astype(np.float32)
-        if float(cfg.get("mmd-weight", 0.0)) > 0:
+        if wanted.mmd_weight > 0:
             align = Alignment(
                 embeddings=embeddings,
-                weight=float(cfg["mmd-weight"]),
-                kernel_mul=float(cfg.get("kernel-mul", 2.0)),
-                kernel_num=int(cfg.get("kernel-num", 5)),
+                weight=wanted.mmd_weight,
+                kernel_mul=wanted.kernel_mul,
+                kernel_num=wanted.kernel_num,
             )
-        adversary = disentangler.build(context, embeddings, cfg, train_cfg, tag)
-    if CLASS_STATS in message.content.array_records and float(cfg.get("class-align-weight", 0)) > 0:
+        adversary = disentangler.build(context, embeddings, wanted, train_cfg, tag)
+    if CLASS_STATS in message.content.array_records and wanted.class_align_weight > 0:
         class_align = ClassAlignment(
             stats=ClassStatistics.from_arrays(from_record(message.content[CLASS_STATS])),
-            weight=float(cfg["class-align-weight"]),
+            weight=wanted.class_align_weight,
         )
     fit = train_local(
         model,
@@ -74,7 +80,7 @@ def train(message: Message, context: Context) -> Message:
         tag,
         align=align,
         optimizer=optimizer,
-        proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+        proximal_mu=prox.proximal_mu if prox is not None else 0.0,
         adversary=adversary,
         class_align=class_align,
     )
@@ -106,8 +112,9 @@ def train(message: Message, context: Context) -> Message:
             SILO: runtime.silo_record(silo),
         }
     )
-    if cfg.get("fisher", False):
-        attach_fisher(content, model, data, cfg, device, train_cfg.seed, tag)
+    fisher = FisherSettings.from_wire(cfg)
+    if fisher is not None:
+        attach_fisher(content, model, data, fisher, device, train_cfg.seed, tag)
     return Message(content, reply_to=message)
 
 
@@ -118,9 +125,33 @@ def extra_terms(fit: dict[str, float]) -> str:
 
 
 def attach_fisher(
-    content: RecordDict, model: object, data: object, cfg: dict, device: object, seed: int, tag: str
+    content: RecordDict,
+    model: object,
+    data: object,
+    fisher_settings: FisherSettings,
+    device: object,
+    seed: int,
+    tag: str,
 ) -> None:
-    """Add the diagonal Fisher of the trained model (and its cost) to the reply."""
+    """Add the diagonal Fisher of the trained model (and its cost) to the reply.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The reply being built; gets ``fisher`` (and ``fisher-scale`` in float16).
+    model : nn.Module
+        The trained model.
+    data : DomainSplit
+        The silo's data; the Fisher is estimated on a sample of its training split.
+    fisher_settings : FisherSettings
+        Mode, sample count and transport, as the ``train`` config asked.
+    device : torch.device
+        Where to compute.
+    seed : int
+        Picks the sample.
+    tag : str
+        Log prefix naming the silo and round.
+    """
     import time
 
     import numpy as np
@@ -129,7 +160,7 @@ def attach_fisher(
     from fedalign.fisher import diagonal_fisher, pack_float16
     from fedalign.train import to_input
 
-    mode, count = str(cfg.get("fisher-mode", "exact")), int(cfg.get("fisher-samples", 512))
+    mode, count = fisher_settings.mode, fisher_settings.samples
     idx = np.random.default_rng(seed).permutation(len(data.x_train))[:count]
     x, y = data.x_train[idx], data.y_train[idx]
     batches = [
@@ -139,7 +170,7 @@ def attach_fisher(
     start = time.perf_counter()
     fisher = diagonal_fisher(model, batches, mode=mode, n_examples=count, device=device, seed=seed)
     seconds = time.perf_counter() - start
-    if cfg.get("fisher-transport", "float32") == "float16":
+    if fisher_settings.transport == "float16":
         halves, scales = pack_float16(fisher)
         content[FISHER], content[FISHER_SCALE] = to_record(halves), to_record(scales)
     else:

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from client.silo import SiloIdentity
 from fedalign.checkpoint import CheckpointError, load, save
-from strategies.utils import from_record, to_record
+from fedalign.protocol import from_record, to_record
 
 log = logging.getLogger("fedalign.client")
 ROUND = "state-round"  # Context.state key: the round whose end the state describes

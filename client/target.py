@@ -19,7 +19,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from client import runtime
 from fedalign.config import ConfigError
-from strategies.utils import (
+from fedalign.protocol import (
     ARRAYS,
     CLASS_STATS,
     EMBEDDINGS,
@@ -29,6 +29,7 @@ from strategies.utils import (
     source_domain,
     to_record,
 )
+from fedalign.settings.fedka import TargetRound
 
 log = logging.getLogger("fedalign.client")
 STAT_KEYS = ("agreement", "kept_fraction", "pseudo_label_accuracy")  # vote statistics reported
@@ -39,29 +40,30 @@ def _require_target(role: str) -> None:
         raise ConfigError(f"role {role!r} cannot serve target requests; only the target silo does")
 
 
-def _embeddings(model: Any, data: Any, cfg: dict[str, Any], device: Any) -> dict[str, Any]:
+def _embeddings(
+    model: Any, data: Any, cfg: dict[str, Any], wanted: TargetRound, device: Any
+) -> dict[str, Any]:
     from fedalign.workspace import embed, sample_indices
 
-    count = int(cfg.get("embed-samples", 0))
+    count = wanted.embed_samples
     if count <= 0:
         return {}
     seed = int(cfg.get("seed", 0)) * 1_000_003 + int(cfg.get("server-round", 0)) + 17
     idx = sample_indices(len(data.x_train), count, seed)
     features = embed(model, data.x_train[idx], device)
-    if cfg.get("embed-transport", "float32") == "float16":  # half the bytes; sources widen them
+    if wanted.embed_transport == "float16":  # half the bytes; sources widen them
         limit = np.finfo(np.float16).max
         features = np.clip(features, -limit, limit).astype(np.float16)
     return {EMBEDDINGS: to_record({EMBEDDINGS: features})}
 
 
 def _class_stats(
-    model: Any, x: np.ndarray, labels: np.ndarray, cfg: dict[str, Any], device: Any
+    model: Any, x: np.ndarray, labels: np.ndarray, cfg: dict[str, Any], min_count: int, device: Any
 ) -> dict[str, Any]:
     """Class-conditional statistics of the voted samples' features, when class alignment is on."""
     from fedalign.classalign import class_statistics
     from fedalign.workspace import embed
 
-    min_count = int(cfg.get("class-min-count", 0))
     if min_count <= 0 or len(labels) == 0:
         return {}
     stats = class_statistics(
@@ -89,7 +91,7 @@ def embed_and_evaluate(message: Message, context: Context) -> Message:
         {
             METRICS: MetricRecord({"num-examples": len(data.y_test), **result}),
             SILO: runtime.silo_record(silo),
-            **_embeddings(model, data, cfg, device),
+            **_embeddings(model, data, cfg, TargetRound.from_wire(cfg), device),
         }
     )
     return Message(content, reply_to=message)
@@ -114,12 +116,13 @@ def vote_and_fine_tune(message: Message, context: Context) -> Message:
     if not sources:
         raise ValueError("train.vote carried no source models")
     rnd = int(cfg.get("server-round", 0))
+    wanted = TargetRound.from_wire(cfg)
     vote_cfg = VoteConfig(
-        samples=int(cfg.get("vote-samples", 2048)),
-        soft=bool(cfg.get("soft-vote", False)),
-        min_agreement=float(cfg.get("min-agreement", 0.0)),
-        finetune_steps=int(cfg.get("finetune-steps", 32)),
-        target_stats=bool(cfg.get("vote-target-stats", False)),
+        samples=wanted.vote_samples,
+        soft=wanted.soft_vote,
+        min_agreement=wanted.min_agreement,
+        finetune_steps=wanted.finetune_steps,
+        target_stats=wanted.vote_target_stats,
     )
     start = time.perf_counter()
     idx = sample_indices(len(data.x_train), vote_cfg.samples, int(cfg.get("seed", 0)) + rnd)
@@ -135,11 +138,14 @@ def vote_and_fine_tune(message: Message, context: Context) -> Message:
     averaged = evaluate(model, data.x_test, data.y_test, device, batch)
     vote_seconds = time.perf_counter() - start
     tag = f"silo {silo.domain} round {rnd}:"
-    alpha = float(cfg.get("alpha", 1.0))
+    alpha = wanted.alpha
     voted_x, voted = data.x_train[idx][mask], labels[mask]
     # The statistics describe the feature space the sources start the next round in.
-    starts_averaged = cfg.get("start-from", "finetuned") == "averaged"
-    class_stats = _class_stats(model, voted_x, voted, cfg, device) if starts_averaged else {}
+    starts_averaged = wanted.start_from == "averaged"
+    min_count = wanted.class_min_count
+    class_stats = (
+        _class_stats(model, voted_x, voted, cfg, min_count, device) if starts_averaged else {}
+    )
     tuned = fine_tune(
         model,
         voted_x,
@@ -151,7 +157,7 @@ def vote_and_fine_tune(message: Message, context: Context) -> Message:
         tag,
     )
     if not starts_averaged:
-        class_stats = _class_stats(model, voted_x, voted, cfg, device)
+        class_stats = _class_stats(model, voted_x, voted, cfg, min_count, device)
     result = evaluate(model, data.x_test, data.y_test, device, batch)
     metrics = {
         "num-examples": int(mask.sum()),
@@ -182,7 +188,7 @@ def vote_and_fine_tune(message: Message, context: Context) -> Message:
             ARRAYS: to_record(get_weights(model)),
             METRICS: MetricRecord({k.replace("_", "-"): float(v) for k, v in metrics.items()}),
             SILO: runtime.silo_record(silo),
-            **_embeddings(model, data, cfg, device),
+            **_embeddings(model, data, cfg, wanted, device),
             **class_stats,
         }
     )

@@ -172,7 +172,7 @@ def _stamp_start(reply: Message, entered: float) -> None:
     """The reply's start-up seconds are this ClientApp process's (the runtime started long
     ago); it imported no torch."""
     from client.runtime import process_started
-    from strategies.utils import METRICS
+    from fedalign.protocol import METRICS
 
     if reply.has_error() or METRICS not in reply.content.metric_records:
         return

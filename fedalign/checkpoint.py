@@ -23,15 +23,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedalign import atomic
-from fedalign.config import to_json, validate
+from fedalign.config import RUN_LOCAL_KEYS, learning_config, to_json, validate
 from fedalign.data.cache import array_checksum
 from fedalign.errors import FedalignError
 
 STATE = "__state__"
 FORMAT = 1
 CHECKPOINT = "checkpoint.npz"  # in a run folder: the state after the last finished round
-# Config keys that may differ between a run and its resumption (where and how it runs).
-RESUMABLE_CHANGES = ("federation", "output", "wandb", "verbose", "device", "resume", "name")
 
 
 class CheckpointError(FedalignError):
@@ -76,10 +74,7 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
 
 def identity(cfg: DictConfig) -> str:
     """The config as far as a resumed run must match it."""
-    values = json.loads(to_json(cfg))
-    return json.dumps(
-        {k: v for k, v in values.items() if k not in RESUMABLE_CHANGES}, sort_keys=True
-    )
+    return json.dumps(learning_config(json.loads(to_json(cfg))), sort_keys=True)
 
 
 def load_resume(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -96,7 +91,7 @@ def load_resume(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[st
 
 def resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
     """The config to resume ``run_dir`` with: its own ``config.yaml``, with the command line's
-    overrides of keys a resumed run may change (``RESUMABLE_CHANGES``: ports, output, W&B)
+    overrides of keys a resumed run may change (``RUN_LOCAL_KEYS``: ports, output, W&B)
     applied; an override that would change the run itself is refused in one line. A folder
     without ``config.yaml`` is resumed with ``cfg`` (its checkpoint is checked against it).
 
@@ -124,7 +119,7 @@ def resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictC
             if "=" not in override or key.startswith(("hydra.", "hydra/")):
                 continue
             value = OmegaConf.select(cfg, key)
-            if key.split(".")[0].split("/")[0] in RESUMABLE_CHANGES:
+            if key.split(".")[0].split("/")[0] in RUN_LOCAL_KEYS:
                 OmegaConf.update(resumed, key, value, force_add=True)
             elif value != OmegaConf.select(resumed, key):
                 raise CheckpointError(

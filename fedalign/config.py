@@ -17,16 +17,20 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedalign.errors import FedalignError
+from fedalign.errors import ConfigError
+from fedalign.settings.catalog import strategy_settings
+from fedalign.settings.checks import choice, number, require
+from fedalign.settings.train import OPTIMIZERS
+from fedalign.settings.updates import UpdateSettings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ROLES = ("source", "target")
 FEDERATION_MODES = ("deployment", "simulation")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-
-
-class ConfigError(FedalignError, ValueError):
-    """A configuration problem, described in one line that says what to do."""
+# Keys of a run's config that do not change what it learns: where and how it runs (ports,
+# engine, timeouts), where it writes, how it logs, its name. A resumed run may change them, and
+# a grid cell that differs only in them is current.
+RUN_LOCAL_KEYS = ("federation", "output", "wandb", "verbose", "device", "resume", "name")
 
 
 @dataclass(frozen=True)
@@ -71,54 +75,18 @@ def compose(overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> Di
     return cfg
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"config: {message}")
-
-
-def _number(cfg: DictConfig, key: str, kind: type = int, minimum: float = 1) -> float:
-    value = OmegaConf.select(cfg, key)
-    try:
-        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
-            raise TypeError  # int(1.5) would silently give 1
-        number = kind(value)
-    except (TypeError, ValueError):
-        what = "an integer" if kind is int else "a number"
-        raise ConfigError(f"config: {key}={value!r} is not {what}") from None
-    _require(number >= minimum, f"{key} must be >= {minimum} (got {value})")
-    return number
-
-
-def _choice(cfg: DictConfig, key: str, known: tuple[str, ...]) -> None:
-    value = OmegaConf.select(cfg, key)
-    _require(value in known, f"{key}={value!r} (known: {', '.join(known)})")
-
-
 def _validate_external(cfg: DictConfig) -> None:
     """Silos that join from elsewhere must be configured silos of a deployment."""
     external = list(OmegaConf.select(cfg, "federation.external_silos", default=[]) or [])
     unknown = [d for d in external if d not in cfg.data.domains]
-    _require(
+    require(
         not unknown,
         f"federation.external_silos has {unknown}, not in data.domains={list(cfg.data.domains)}",
     )
-    _require(
+    require(
         not external or cfg.federation.mode == "deployment",
         "federation.external_silos applies to a deployment (federation=local)",
     )
-
-
-def _validate_fedka_blocks(cfg: DictConfig) -> None:
-    """FedKA's disentangler and class-aware alignment (``strategy.disentangle``/``class_align``)."""
-    for block in ("disentangle", "class_align"):
-        enabled = OmegaConf.select(cfg, f"strategy.{block}.enabled")
-        _require(
-            isinstance(enabled, bool), f"strategy.{block}.enabled={enabled!r} (use true or false)"
-        )
-        _number(cfg, f"strategy.{block}.weight", float, minimum=0)
-    _choice(cfg, "strategy.disentangle.schedule", ("alpha", "constant"))
-    _number(cfg, "strategy.disentangle.hidden")
-    _number(cfg, "strategy.class_align.min_count", minimum=2)
 
 
 def external_silos(cfg: DictConfig) -> set[str]:
@@ -130,8 +98,8 @@ def _validate_security(cfg: DictConfig) -> None:
     """TLS and SuperNode authentication apply to a deployment; authentication needs TLS."""
     tls = bool(OmegaConf.select(cfg, "federation.tls", default=False))
     auth = bool(OmegaConf.select(cfg, "federation.auth", default=False))
-    _require(not auth or tls, "federation.auth=true needs federation.tls=true")
-    _require(
+    require(not auth or tls, "federation.auth=true needs federation.tls=true")
+    require(
         not tls or cfg.federation.mode == "deployment",
         "federation.tls applies to a deployment (federation=local), not to the simulation",
     )
@@ -140,7 +108,7 @@ def _validate_security(cfg: DictConfig) -> None:
 def _validate_silo_runtime(cfg: DictConfig) -> None:
     """``federation.silo_runtime`` (deployments only): warm silo runtimes on or off."""
     warm = OmegaConf.select(cfg, "federation.silo_runtime", default=None)
-    _require(
+    require(
         warm is None or isinstance(warm, bool),
         f"federation.silo_runtime={warm!r} (use true or false)",
     )
@@ -151,31 +119,13 @@ def _validate_polling(cfg: DictConfig) -> None:
     low = OmegaConf.select(cfg, "federation.reply_poll_min", default=None)
     high = OmegaConf.select(cfg, "federation.reply_poll_max", default=None)
     if low is not None and high is not None:
-        _number(cfg, "federation.reply_poll_min", float, minimum=0.001)
-        _number(cfg, "federation.reply_poll_max", float, minimum=float(low))
+        number(cfg, "federation.reply_poll_min", float, minimum=0.001)
+        number(cfg, "federation.reply_poll_max", float, minimum=float(low))
     if OmegaConf.select(cfg, "federation.max_in_flight", default=None) is not None:
-        _number(cfg, "federation.max_in_flight", minimum=0)
+        number(cfg, "federation.max_in_flight", minimum=0)
     if OmegaConf.select(cfg, "federation.superexec_poll", default=None) is not None:
-        poll = _number(cfg, "federation.superexec_poll", float, minimum=0.01)
-        _require(poll <= 60, f"federation.superexec_poll={poll} must be in [0.01, 60] (Flower)")
-
-
-def _validate_updates(cfg: DictConfig) -> None:
-    """``updates``: the norm bound and the robust aggregator, and that it fits the strategy."""
-    if OmegaConf.select(cfg, "updates.max_norm") is not None:
-        _number(cfg, "updates.max_norm", float, minimum=1e-12)
-    _choice(cfg, "updates.robust", ("none", "median", "trimmed_mean", "krum"))
-    beta = _number(cfg, "updates.trim_beta", float, minimum=0)
-    _require(beta < 0.5, f"updates.trim_beta={beta} must be in [0, 0.5)")
-    _number(cfg, "updates.num_malicious", minimum=0)
-    fisher = (
-        cfg.strategy.name == "fisher" or OmegaConf.select(cfg, "strategy.aggregation") == "fisher"
-    )
-    _require(
-        cfg.updates.robust == "none" or not fisher,
-        f"updates.robust={cfg.updates.robust} replaces a weighted average, but strategy "
-        f"{cfg.strategy.name} merges by Fisher; use updates.robust=none with it",
-    )
+        poll = number(cfg, "federation.superexec_poll", float, minimum=0.01)
+        require(poll <= 60, f"federation.superexec_poll={poll} must be in [0.01, 60] (Flower)")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -187,65 +137,45 @@ def validate(cfg: DictConfig) -> None:
     except Exception as exc:
         raise ConfigError(hydra_error_line(exc)) from exc
     domains = list(cfg.data.domains)
-    _require(len(domains) == len(set(domains)), f"data.domains has duplicates: {domains}")
-    _require(
+    require(len(domains) == len(set(domains)), f"data.domains has duplicates: {domains}")
+    require(
         cfg.data.target in domains,
         f"data.target={cfg.data.target!r} is not one of data.domains={domains}",
     )
-    _require(len(domains) >= 2, "data.domains needs the target and at least one source domain")
+    require(len(domains) >= 2, "data.domains needs the target and at least one source domain")
     for key in ("rounds", "train.local_steps", "train.batch_size", "eval.batch_size"):
-        _number(cfg, key)
-    _number(cfg, "seed", minimum=0)
-    _number(cfg, "data.seed", minimum=0)
+        number(cfg, key)
+    number(cfg, "seed", minimum=0)
+    number(cfg, "data.seed", minimum=0)
     from fedalign.data.sources import source_names
 
-    _choice(cfg, "data.source", source_names())
-    _number(cfg, "train.lr", float, minimum=1e-12)
-    _number(cfg, "train.weight_decay", float, minimum=0)
-    shards = int(_number(cfg, "data.shards")) if "shards" in cfg.data else 1
-    _require(
+    choice(cfg, "data.source", source_names())
+    number(cfg, "train.lr", float, minimum=1e-12)
+    number(cfg, "train.weight_decay", float, minimum=0)
+    shards = int(number(cfg, "data.shards")) if "shards" in cfg.data else 1
+    require(
         shards == 1 or not OmegaConf.select(cfg, "federation.external_silos", default=[]),
         "data.shards > 1 makes silos on this machine; it does not combine with "
         "federation.external_silos",
     )
-    _number(cfg, "strategy.min_sources")
+    strategy = strategy_settings(cfg)  # the name first: a wrong one stops here
     sources = (len(domains) - 1) * shards
-    _require(
+    require(
         int(cfg.strategy.min_sources) <= sources,
         f"strategy.min_sources={cfg.strategy.min_sources} but there are only "
         f"{sources} source silos",
     )
-    _choice(cfg, "train.optimizer", ("adam", "sgd"))
-    _choice(cfg, "federation.mode", FEDERATION_MODES)
-    _choice(cfg, "wandb.mode", WANDB_MODES)
-    _choice(cfg, "model.name", tuple(sorted(MODELS)))
-    _validate_updates(cfg)
+    choice(cfg, "train.optimizer", OPTIMIZERS)
+    choice(cfg, "federation.mode", FEDERATION_MODES)
+    choice(cfg, "wandb.mode", WANDB_MODES)
+    choice(cfg, "model.name", tuple(sorted(MODELS)))
+    UpdateSettings.from_config(cfg, strategy.merges_by_fisher)
     _validate_polling(cfg)
     _validate_security(cfg)
     _validate_silo_runtime(cfg)
     _validate_external(cfg)
-    if "vote" in cfg.strategy:  # FedKA / FedVote settings
-        _choice(cfg, "strategy.start_from", ("finetuned", "averaged"))
-        _choice(cfg, "strategy.aggregation", ("fedavg", "fisher"))
-        _choice(cfg, "strategy.embed_transport", ("float32", "float16"))
-        for key in ("vote_samples", "embed_samples", "kernel_num"):
-            _number(cfg, f"strategy.{key}")
-        _number(cfg, "strategy.finetune_steps", minimum=0)
-        _number(cfg, "strategy.mmd_weight", float, minimum=0)
-        _number(cfg, "strategy.kernel_mul", float, minimum=1e-9)
-        agreement = _number(cfg, "strategy.min_agreement", float, minimum=0)
-        _require(agreement <= 1, f"strategy.min_agreement={agreement} must be in [0, 1]")
-        _validate_fedka_blocks(cfg)
-    if "proximal_mu" in cfg.strategy:
-        _number(cfg, "strategy.proximal_mu", float, minimum=0)
-    if "fisher" in cfg.strategy:
-        _choice(cfg, "strategy.fisher.mode", ("exact", "empirical", "sampled"))
-        _choice(cfg, "strategy.fisher.weighting", ("examples", "uniform"))
-        _choice(cfg, "strategy.fisher.transport", ("float32", "float16"))
-        _number(cfg, "strategy.fisher.samples")
-        _number(cfg, "strategy.fisher.floor", float, minimum=1e-30)
     device = str(cfg.device)
-    _require(
+    require(
         device in ("auto", "cpu") or device.startswith("cuda"),
         f"device={device!r} (use auto, cpu, cuda or cuda:N)",
     )
@@ -279,6 +209,18 @@ def silos(cfg: DictConfig | dict[str, Any]) -> list[Silo]:
         else:
             result += [Silo(shard_name(domain, i), "source") for i in range(shards)]
     return result
+
+
+def learning_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a resolved container) without the keys that only say where and how a run
+    ran (``RUN_LOCAL_KEYS``).
+
+    Parameters
+    ----------
+    config : dict
+        A run's config as plain containers.
+    """
+    return {k: v for k, v in config.items() if k not in RUN_LOCAL_KEYS}
 
 
 def to_json(cfg: DictConfig) -> str:

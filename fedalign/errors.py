@@ -7,3 +7,7 @@ class FedalignError(Exception):
 
 class FederationError(FedalignError):
     """The federation cannot proceed (silos missing, inconsistent roles, failed replies)."""
+
+
+class ConfigError(FedalignError, ValueError):
+    """A configuration problem, described in one line that says what to do."""

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
-_MODES = ("exact", "empirical", "sampled")
+from fedalign.settings.fisher import MODES
+
 _CHUNK_BYTES = 64 * 2**20
 _COPIES_PER_EXAMPLE = 3
 
@@ -72,8 +73,8 @@ def diagonal_fisher(
     ValueError
         On an unknown mode, ``empirical`` without labels, or no examples.
     """
-    if mode not in _MODES:
-        raise ValueError(f"unknown Fisher mode '{mode}' (known: {', '.join(_MODES)})")
+    if mode not in MODES:
+        raise ValueError(f"unknown Fisher mode '{mode}' (known: {', '.join(MODES)})")
     if n_examples < 1:
         raise ValueError(f"n_examples must be at least 1, got {n_examples}")
     device = torch.device(device) if device is not None else _model_device(model)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedalign.settings.fisher import MIN_FLOOR, FisherSettings
+
 _BLOCK = 1 << 15
 
 
@@ -22,7 +24,7 @@ def fisher_merge(
     params: list[list[np.ndarray]],
     fishers: list[list[np.ndarray]],
     weights: list[float] | None = None,
-    floor: float = 1e-6,
+    floor: float = FisherSettings.floor,
     normalize: bool = False,
 ) -> list[np.ndarray]:
     """Merge K silos' parameters, each entry weighted by the silos' diagonal Fisher.
@@ -37,9 +39,9 @@ def fisher_merge(
     weights : list of float, optional
         Positive silo weights ``lambda_i`` (e.g. example counts), normalised to sum 1.
         Uniform when omitted.
-    floor : float
+    floor : float (default: ``FisherSettings.floor``)
         Lower bound applied to every Fisher entry, so entries no silo is informed about get
-        the ``lambda``-weighted average. Must be positive.
+        the ``lambda``-weighted average. At least ``MIN_FLOOR`` (1e-30).
     normalize : bool
         Divide each ``lambda_i`` by the global L2 norm of silo ``i``'s Fisher (over all its
         arrays) before renormalising, as the reference implementation does by default.
@@ -58,8 +60,8 @@ def fisher_merge(
     k = len(params)
     _check_structure(params)
     _check_fishers(params, fishers)
-    if not floor > 0:
-        raise ValueError(f"floor must be positive, got {floor}")
+    if not floor >= MIN_FLOOR:
+        raise ValueError(f"floor must be >= {MIN_FLOOR:g}, got {floor}")
     lambdas = _normalized_weights(weights, k)
     if normalize:
         lambdas = _normalized_weights(lambdas / _fisher_norms(fishers), k)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedalign import atomic
+from fedalign.config import learning_config
 
 COLUMNS = (
     "target",
@@ -37,22 +38,6 @@ COLUMNS = (
 
 def cell_dir(root: Path, preset: str, target: str, method: str, seed: int) -> Path:
     return root / preset / target / method / f"seed{seed}"
-
-
-# Keys of a run's config that do not change what it learns: where it writes, how it logs,
-# which ports it took. Everything else must match for a finished cell to count.
-RUN_LOCAL_KEYS = ("output", "wandb", "verbose", "resume", "device")
-RUN_LOCAL_FEDERATION_KEYS = ("control_port", "fleet_port", "supernode_ports_from")
-
-
-def learning_config(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` without the keys that only say where and how a run ran."""
-    kept = {k: v for k, v in config.items() if k not in RUN_LOCAL_KEYS}
-    if isinstance(kept.get("federation"), dict):
-        kept["federation"] = {
-            k: v for k, v in kept["federation"].items() if k not in RUN_LOCAL_FEDERATION_KEYS
-        }
-    return kept
 
 
 def without_disabled(config: dict[str, Any]) -> dict[str, Any]:

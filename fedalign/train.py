@@ -15,6 +15,7 @@ from torch import nn
 from fedalign.align import mk_mmd
 from fedalign.classalign import ClassStatistics, class_alignment_loss
 from fedalign.disentangle import domain_adversarial_loss
+from fedalign.settings.train import OPTIMIZERS
 
 log = logging.getLogger("fedalign.train")
 
@@ -54,7 +55,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-    raise ValueError(f"unknown optimizer '{cfg.optimizer}' (known: adam, sgd)")
+    raise ValueError(f"unknown optimizer '{cfg.optimizer}' (known: {', '.join(OPTIMIZERS)})")
 
 
 def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:

@@ -27,11 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 from fedalign import atomic, checkpoint
 from fedalign.config import compose, from_json, silos, validate
 from fedalign.errors import FedalignError
+from fedalign.protocol import to_config, to_record
 from fedalign.runlog import RunRecorder
 from server.audit import BoundaryAudit
 from server.discovery import discover_silos
 from server.grid import MeteredGrid
-from strategies.utils import to_config, to_record
 
 log = logging.getLogger("fedalign.server")
 app = ServerApp()

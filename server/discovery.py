@@ -10,7 +10,7 @@ from flwr.serverapp import Grid
 
 from fedalign.config import Silo
 from fedalign.errors import FederationError
-from strategies.utils import CONFIG, INFO, METRICS, SILO, to_config
+from fedalign.protocol import CONFIG, INFO, METRICS, SILO, to_config
 
 log = logging.getLogger("fedalign.server")
 

@@ -14,8 +14,13 @@ from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from strategies.utils import message_bytes
+
+def message_bytes(message: Message) -> int:
+    """Bytes of the message's serialized objects: what crosses the wire for it."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
 
 Tap = Callable[[str, Message, int], None]
 

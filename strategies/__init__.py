@@ -1,1 +1,2 @@
-"""Custom Flower strategies (Message API). One strategy per module; see ``registry``."""
+"""The server side of each method (Message API): the round loop, its strategies, and the
+collaborators a strategy is given. ``registry`` maps ``strategy.name`` to a strategy."""

@@ -14,43 +14,35 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedalign.protocol import ARRAYS, CONFIG
 from strategies.fedavg import SiloFedAvg
-from strategies.utils import ARRAYS, CONFIG
 
 
 class StockFedAvg(SiloFedAvg):
     """FedAvg with evaluation in its own phase (two phases per round).
 
-    Parameters
-    ----------
-    roster, recorder, num_rounds, min_sources
-        As for :class:`SiloFedAvg`.
+    Parameters are those of :class:`strategies.strategy.SiloStrategy`.
     """
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        messages = super().configure_train(server_round, arrays, config, grid)
-        return self.expect([m for m in messages if m.metadata.message_type == MessageType.TRAIN])
+    def evaluating_while_training(self, grid: Grid) -> list[int]:
+        return []  # everyone evaluates in the evaluate phase
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.start_phase(grid)
         last = server_round == self.num_rounds  # silos then drop their between-round state
         config = ConfigRecord({**config, "server-round": server_round, "run-complete": last})
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
-        nodes = self.nodes("source", grid) + self.nodes("target", grid)
-        return self.expect(self.messages(nodes, content, MessageType.EVALUATE))
+        nodes = self.roster.nodes("source", grid) + self.roster.nodes("target", grid)
+        return self.messages(nodes, content, MessageType.EVALUATE)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         replies = list(replies)
-        self.record_missing(server_round, replies, "evaluate")
-        for reply in self.drop_errors(replies, f"round {server_round} evaluate"):
-            self.record_evaluation(server_round, reply)
-        self.end_phase(server_round)
+        self.rounds.record_missing(server_round, replies, "evaluate")
+        for reply in self.rounds.drop_errors(replies, f"round {server_round} evaluate"):
+            self.rounds.record_evaluation(server_round, reply)
         return None
 
     def final_evaluation_nodes(self, grid: Grid) -> list[int]:

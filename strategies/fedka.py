@@ -2,23 +2,24 @@
 
 The target silo is FedKA's "global workspace". A round is two message phases:
 
-A. ``train`` to every source, with the global model and what the alignment blocks that are on
-   need from the previous round: the target embeddings (MK-MMD, the disentangler) and the target's
-   class-conditional statistics (class-aware alignment). Sources minimise cross-entropy plus
-   ``mmd_weight * alpha * MK-MMD(own features, target embeddings)``, plus
-   ``disentangle_weight * domain loss`` of their own discriminator behind a gradient reversal of
-   scale alpha (or 1), plus ``class_align_weight * alpha * class-aware loss``, evaluate the
-   received model on their own test split, and reply with their weights. The server aggregates
-   them (FedAvg).
-B. ``train.vote`` to the target silo, with the aggregate and every source model. It votes
-   pseudo-labels with the source models, fine-tunes the aggregate on them (loss * alpha),
-   evaluates, and replies with the fine-tuned weights, the next round's embeddings and the
-   vote statistics (and, class-aware alignment on, the class statistics of the voted samples).
-   With voting off, ``query.embed`` only evaluates and embeds.
+A. ``train_phase``: ``train`` to every source, with the global model and what the alignment
+   blocks that are on need from the previous round: the target embeddings (MK-MMD, the
+   disentangler) and the target's class-conditional statistics (class-aware alignment). Sources
+   minimise cross-entropy plus ``mmd_weight * alpha * MK-MMD(own features, target embeddings)``,
+   plus ``disentangle_weight * domain loss`` of their own discriminator behind a gradient
+   reversal of scale alpha (or 1), plus ``class_align_weight * alpha * class-aware loss``,
+   evaluate the received model on their own test split, and reply with their weights. The
+   server aggregates them (FedAvg, or Fisher with ``aggregation=fisher``).
+B. ``target_phase``: ``train.vote`` to the target silo, with the aggregate and every source
+   model. It votes pseudo-labels with the source models, fine-tunes the aggregate on them
+   (loss * alpha), evaluates, and replies with the fine-tuned weights, the next round's
+   embeddings and the vote statistics (and, class-aware alignment on, the class statistics of
+   the voted samples). With voting off, ``query.embed`` only evaluates and embeds.
 
 Before round 1 one ``query.embed`` phase gets the initial embeddings and the untrained model's
 target accuracy; after the last round the sources evaluate the final model.
-FedVote is this strategy with every alignment block off.
+FedVote is this strategy with every alignment block off. Settings: ``fedalign.settings.fedka``;
+the silos' side: ``client/source.py`` and ``client/target.py``.
 """
 
 from __future__ import annotations
@@ -32,11 +33,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedalign.align import alpha_schedule
-from fedalign.config import Silo
 from fedalign.errors import FederationError
-from fedalign.runlog import RunRecorder
-from strategies.fedavg import Aggregator, SiloFedAvg
-from strategies.utils import (
+from fedalign.protocol import (
     ARRAYS,
     CLASS_STATS,
     CONFIG,
@@ -46,6 +44,9 @@ from strategies.utils import (
     VOTE,
     source_model_key,
 )
+from fedalign.settings.fedka import FedKASettings
+from strategies.fedavg import SiloFedAvg
+from strategies.strategy import SiloStrategy
 
 log = logging.getLogger("fedalign.strategy")
 TRAINING_TERMS = ("mmd", "domain-loss", "domain-accuracy", "class-align-loss")  # source means
@@ -54,141 +55,72 @@ TRAINING_TERMS = ("mmd", "domain-loss", "domain-accuracy", "class-align-loss")  
 class FedKA(SiloFedAvg):
     """Federated knowledge alignment: disentangler + MK-MMD alignment + federated vote.
 
-    Parameters
-    ----------
-    roster, recorder, num_rounds, min_sources
-        As for :class:`SiloFedAvg`.
-    align : bool (default: True)
-        Sources add ``mmd_weight * alpha(p) * MK-MMD`` to their loss (off: FedVote).
-    vote : bool (default: True)
-        The target silo votes pseudo-labels and fine-tunes the aggregate.
-    start_from : {"finetuned", "averaged"} (default: "finetuned")
-        Which model the next round starts from; "averaged" reproduces the official notebook
-        (the fine-tuned model then serves embeddings and evaluation only).
-    mmd_weight : float (default: 1.0)
-        Multiplies alpha(p) for the alignment term.
-    disentangle_weight : float (default: 0.0)
-        Weight of each source's domain-adversarial loss (0: no disentangler).
-    disentangle_schedule : {"alpha", "constant"} (default: "alpha")
-        The gradient reversal's scale: alpha(p), as in the paper, or 1.
-    disentangle_hidden : int (default: 100)
-        Hidden width of the sources' domain discriminators.
-    class_align_weight : float (default: 0.0)
-        Multiplies alpha(p) for the class-aware term (0: off; no class statistics travel).
-    class_min_count : int (default: 8)
-        Kept pseudo-labels a class needs before its statistics are sent.
-    target_config : dict
-        Sent to the target silo: embed-samples, embed-transport, vote-samples, soft-vote,
-        min-agreement, vote-target-stats, finetune-steps, kernel-mul, kernel-num.
-    aggregator : Aggregator, optional
-        How source models are combined (default FedAvg; ``FisherAggregator`` for Fisher).
+    Parameters are those of :class:`strategies.strategy.SiloStrategy`, with ``settings`` a
+    :class:`fedalign.settings.fedka.FedKASettings`; the roster needs exactly one target silo.
     """
 
-    def __init__(
-        self,
-        roster: dict[int, Silo],
-        recorder: RunRecorder,
-        num_rounds: int,
-        min_sources: int = 1,
-        align: bool = True,
-        vote: bool = True,
-        start_from: str = "finetuned",
-        mmd_weight: float = 1.0,
-        disentangle_weight: float = 0.0,
-        disentangle_schedule: str = "alpha",
-        disentangle_hidden: int = 100,
-        class_align_weight: float = 0.0,
-        class_min_count: int = 8,
-        target_config: dict[str, float | int | bool] | None = None,
-        aggregator: Aggregator | None = None,
-    ) -> None:
-        super().__init__(roster, recorder, num_rounds, min_sources, aggregator)
-        targets = [s.domain for s in roster.values() if s.role == "target"]
-        if len(targets) != 1:
-            raise FederationError(
-                f"FedKA needs exactly one target silo (role=target), found {len(targets)}"
-                f"{': ' + ', '.join(sorted(targets)) if targets else ''}; fix the node-configs"
-            )
-        if start_from not in ("finetuned", "averaged"):
-            raise FederationError(f"strategy.start_from={start_from!r} (use finetuned or averaged)")
-        if disentangle_schedule not in ("alpha", "constant"):
-            raise FederationError(
-                f"strategy.disentangle.schedule={disentangle_schedule!r} (use alpha or constant)"
-            )
-        self.align = align
-        self.vote = vote
-        self.start_from = start_from
-        self.mmd_weight = mmd_weight
-        self.disentangle_weight = disentangle_weight
-        self.disentangle_schedule = disentangle_schedule
-        self.disentangle_hidden = disentangle_hidden
-        self.class_align_weight = class_align_weight
-        self.class_min_count = class_min_count
-        self.target_config = dict(target_config or {})
-        self.embeddings: ArrayRecord | None = None
-        self.class_stats: ArrayRecord | None = None
-        self.next_arrays: ArrayRecord | None = None
-        self.round_start: ArrayRecord | None = None
-        self.round_aggregate: ArrayRecord | None = None
+    settings: FedKASettings
 
     CHECKPOINTED: ClassVar[dict[str, str]] = {
-        **SiloFedAvg.CHECKPOINTED,
+        **SiloStrategy.CHECKPOINTED,
         "embeddings": "embeddings",  # what the sources align to in the next round
         "class-stats": "class_stats",  # the target's class statistics for the next round
         "next": "next_arrays",  # the fine-tuned model the next round starts from
     }
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        targets = self.roster.domains("target")
+        if len(targets) != 1:
+            raise FederationError(
+                f"FedKA needs exactly one target silo (role=target), found {len(targets)}"
+                f"{': ' + ', '.join(sorted(targets)) if targets else ''}; fix the node-configs"
+            )
+        self.embeddings: ArrayRecord | None = None
+        self.class_stats: ArrayRecord | None = None
+        self.next_arrays: ArrayRecord | None = None
+        self.round_start: ArrayRecord | None = None
+        self.round_aggregate: ArrayRecord | None = None
+        self.source_models: dict[str, ArrayRecord] = {}
+
     def alpha(self, server_round: int) -> float:
         """alpha(p) with p = server_round / num_rounds, the training progress after it."""
         return alpha_schedule(server_round / self.num_rounds)
 
-    @property
-    def needs_embeddings(self) -> bool:
-        """MK-MMD and the disentangler read the target embeddings; class alignment does not."""
-        return self.align or self.disentangle_weight > 0
-
     # Before round 1 ----------------------------------------------------------------------
     def before_rounds(self, grid: Grid, initial_arrays: ArrayRecord) -> None:
         """One ``query.embed`` phase: first embeddings and the untrained model's accuracy."""
-        self.start_phase(grid)
-        replies = self.ask_target(grid, EMBED, 0, initial_arrays)
-        self.take_target_reply(0, replies, initial_arrays)
-        self.end_phase(0)
+        with self.rounds.phase(grid, 0):
+            replies = self.ask_target(grid, EMBED, 0, initial_arrays)
+            self.take_target_reply(0, replies, initial_arrays)
 
     # Phase A: sources ----------------------------------------------------------------------
     def train_content(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord
     ) -> RecordDict:
-        extra: dict[str, float | int] = {}
         content = RecordDict({ARRAYS: arrays})
-        alpha = self.alpha(server_round)
-        if self.needs_embeddings and self.embeddings is not None:
+        if self.settings.needs_embeddings and self.embeddings is not None:
             content[EMBEDDINGS] = self.embeddings
-        if self.align and self.embeddings is not None:
-            extra |= {
-                "mmd-weight": self.mmd_weight * alpha,
-                "kernel-mul": float(self.target_config.get("kernel-mul", 2.0)),
-                "kernel-num": int(self.target_config.get("kernel-num", 5)),
-            }
-        if self.disentangle_weight > 0 and self.embeddings is not None:
-            extra |= {
-                "disentangle-weight": self.disentangle_weight,
-                "reversal-scale": alpha if self.disentangle_schedule == "alpha" else 1.0,
-                "disentangle-hidden": self.disentangle_hidden,
-            }
-        if self.class_align_weight > 0 and self.class_stats is not None:
+        if self.settings.class_align_weight > 0 and self.class_stats is not None:
             content[CLASS_STATS] = self.class_stats
-            extra["class-align-weight"] = self.class_align_weight * alpha
-        content[CONFIG] = ConfigRecord({**config, **extra})
+        alignment = self.settings.source_wire(
+            self.alpha(server_round), self.embeddings is not None, self.class_stats is not None
+        )
+        content[CONFIG] = ConfigRecord({**config, **alignment})
         return content
+
+    def evaluating_while_training(self, grid: Grid) -> list[int]:
+        return []  # the target evaluates in the target phase
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         arrays = self.next_arrays if self.next_arrays is not None else arrays
         self.round_start = arrays
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        return self.expect([m for m in messages if m.metadata.message_type == "train"])
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def trained(self, server_round: int, replies: list[Message]) -> None:
+        self.source_models = {self.rounds.silo_of(r): r.content[ARRAYS] for r in replies}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -205,38 +137,25 @@ class FedKA(SiloFedAvg):
         return arrays, metrics
 
     # Phase B: the target silo ------------------------------------------------------------
+    def target_phase(self, rnd: int, grid: Grid) -> None:
+        """``train.vote`` (or ``query.embed`` with voting off) with this round's aggregate."""
+        with self.rounds.phase(grid, rnd):
+            kind = VOTE if self.settings.vote and self.source_models else EMBED
+            replies = self.ask_target(grid, kind, rnd, self.round_aggregate)
+            self.take_target_reply(rnd, replies, self.round_aggregate)
+
     def ask_target(
         self, grid: Grid, message_type: str, server_round: int, arrays: ArrayRecord
     ) -> list[Message]:
+        """Send ``arrays`` (and for a vote every source model) to the target silo."""
         content = RecordDict({ARRAYS: arrays})
         if message_type == VOTE:
             for domain, model in self.source_models.items():
                 content[source_model_key(domain)] = model
-        config = {
-            **self.train_config,
-            **self.target_config,
-            "server-round": server_round,
-            "alpha": self.alpha(server_round),
-            "start-from": self.start_from,
-            "embed-samples": (
-                int(self.target_config.get("embed-samples", 512)) if self.needs_embeddings else 0
-            ),
-            "class-min-count": self.class_min_count if self.class_align_weight > 0 else 0,
-        }
-        content[CONFIG] = ConfigRecord(config)
-        messages = self.messages(self.nodes("target", grid), content, message_type)
+        wire = self.settings.target_wire(server_round, self.alpha(server_round))
+        content[CONFIG] = ConfigRecord({**self.train_config, **wire})
+        messages = self.messages(self.roster.nodes("target", grid), content, message_type)
         return list(grid.send_and_receive(messages, timeout=self.timeout))
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        # Phase B runs here, where Flower's loop has the aggregate of this round.
-        self.start_phase(grid)
-        kind = VOTE if self.vote and self.source_models else EMBED
-        replies = self.ask_target(grid, kind, server_round, self.round_aggregate)
-        self.take_target_reply(server_round, replies, self.round_aggregate)
-        self.end_phase(server_round)
-        return []
 
     def take_target_reply(
         self, server_round: int, replies: list[Message], aggregate: ArrayRecord
@@ -244,7 +163,7 @@ class FedKA(SiloFedAvg):
         """Record the target's metrics; keep its fine-tuned weights and embeddings."""
         replies = [
             r
-            for r in self.drop_errors(replies, f"round {server_round} target")
+            for r in self.rounds.drop_errors(replies, f"round {server_round} target")
             if METRICS in r.content.metric_records
         ]
         if not replies:
@@ -256,8 +175,7 @@ class FedKA(SiloFedAvg):
             return
         reply = replies[0]
         metrics = dict(reply.content[METRICS])
-        domain = self.silo_of(reply)
-        self.recorder.silo(server_round, domain, metrics)
+        self.recorder.silo(server_round, self.rounds.silo_of(reply), metrics)
         tuned = reply.content.array_records.get(ARRAYS)
         if tuned is not None and not same_layout(tuned, aggregate):
             log.warning(
@@ -265,8 +183,9 @@ class FedKA(SiloFedAvg):
                 server_round,
             )
             tuned = None
+        finetuned = self.settings.start_from == "finetuned"
         self.final_arrays = tuned if tuned is not None else aggregate
-        self.next_arrays = tuned if tuned is not None and self.start_from == "finetuned" else None
+        self.next_arrays = tuned if tuned is not None and finetuned else None
         if EMBEDDINGS in reply.content.array_records:
             self.embeddings = reply.content[EMBEDDINGS]
         if CLASS_STATS in reply.content.array_records:
@@ -274,7 +193,7 @@ class FedKA(SiloFedAvg):
         self.recorder.metrics(server_round, **diagnostics(metrics))
 
     def final_evaluation_nodes(self, grid: Grid) -> list[int]:
-        return self.nodes("source", grid)  # the target evaluated the final model in phase B
+        return self.roster.nodes("source", grid)  # the target evaluated the final model in B
 
 
 def same_layout(a: ArrayRecord, b: ArrayRecord) -> bool:

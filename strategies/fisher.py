@@ -1,4 +1,4 @@
-"""Fisher-weighted merging (Matena & Raffel, NeurIPS 2022) as a Flower strategy.
+"""Fisher-weighted merging (Matena & Raffel, NeurIPS 2022): ``strategy=fisher``.
 
 Each source's train reply carries, next to its weights (``arrays``), the diagonal Fisher of its
 parameters (``fisher``; with float16 transport also ``fisher-scale``). The server merges every
@@ -6,47 +6,26 @@ parameter as ``sum_i lambda_i F~_ij theta_ij / sum_i lambda_i F~_ij`` (``fedalig
 BatchNorm running statistics have no Fisher and are averaged by example count. A reply whose
 Fisher is missing or malformed is left out of that round's merge, with a log line.
 
-``FisherAggregator`` is the merge on its own, so FedKA can use it in place of FedAvg.
+``strategy=fisher`` is FedAvg's rounds (``SiloFedAvg``) with ``FisherAggregator`` in place of the
+weighted average; FedKA uses it too with ``strategy.aggregation=fisher``. Settings:
+``fedalign.settings.fisher``; the silos' side: ``client/source.py`` (``attach_fisher``); the
+math: ``fedalign/fisher.py`` (the Fisher) and ``fedalign/merge.py`` (the merge).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fedalign.config import Silo
 from fedalign.fisher import unpack_float16
-from fedalign.merge import average_buffers, fisher_merge
-from fedalign.runlog import RunRecorder
-from strategies.fedavg import SiloFedAvg
-from strategies.utils import ARRAYS, FISHER, FISHER_SCALE, METRICS, from_record, to_record
+from fedalign.merge import average_buffers, fisher_merge, split_fisher_weights
+from fedalign.protocol import ARRAYS, FISHER, FISHER_SCALE, METRICS, from_record, to_record
+from fedalign.settings.fisher import FisherSettings
 
 log = logging.getLogger("fedalign.strategy")
-
-
-@dataclass(frozen=True)
-class FisherSettings:
-    """What the sources compute and how the server merges (conf/fisher/default.yaml)."""
-
-    mode: str = "exact"
-    samples: int = 512
-    floor: float = 1e-6
-    normalize: bool = True
-    weighting: str = "examples"
-    transport: str = "float32"
-
-    def client_config(self) -> dict[str, object]:
-        """Keys added to every ``train`` config so that sources send a Fisher."""
-        return {
-            "fisher": True,
-            "fisher-mode": self.mode,
-            "fisher-samples": self.samples,
-            "fisher-transport": self.transport,
-        }
 
 
 class FisherAggregator:
@@ -63,7 +42,6 @@ class FisherAggregator:
     def __init__(self, settings: FisherSettings, parameter_names: set[str]) -> None:
         self.settings = settings
         self.parameter_names = parameter_names
-        self.client_config = settings.client_config()
 
     def fisher_of(self, reply: Message) -> dict[str, np.ndarray] | str:
         """The reply's Fisher as float32 arrays, or why it cannot be used."""
@@ -106,14 +84,13 @@ class FisherAggregator:
             return None, None
         weights = [from_record(r.content[ARRAYS]) for r in merged_from]
         counts = [float(r.content[METRICS]["num-examples"]) for r in merged_from]
-        names = list(weights[0])
-        params = [n for n in names if n in self.parameter_names]
-        buffers = [n for n in names if n not in self.parameter_names]
+        parts = [split_fisher_weights(w, self.parameter_names) for w in weights]
+        params, buffers = list(parts[0][0]), list(parts[0][1])
         merged = dict(
             zip(
                 params,
                 fisher_merge(
-                    [[w[n] for n in params] for w in weights],
+                    [[p[n] for n in params] for p, _ in parts],
                     [[f[n] for n in params] for f in fishers],
                     weights=counts if self.settings.weighting == "examples" else None,
                     floor=self.settings.floor,
@@ -123,34 +100,8 @@ class FisherAggregator:
             )
         )
         if buffers:
-            averaged = average_buffers([[w[n] for n in buffers] for w in weights], counts)
+            averaged = average_buffers([[b[n] for n in buffers] for _, b in parts], counts)
             merged.update(zip(buffers, averaged, strict=True))
         metrics = aggregate_metricrecords([r.content for r in merged_from], "num-examples")
         metrics["fisher-silos"] = len(merged_from)
-        return to_record({n: merged[n] for n in names}), metrics
-
-
-class FisherMerge(SiloFedAvg):
-    """FedAvg's round structure with Fisher-weighted merging of the source models.
-
-    Parameters
-    ----------
-    roster, recorder, num_rounds, min_sources
-        As for :class:`SiloFedAvg`.
-    settings : FisherSettings
-        Fisher computation (sent to the sources) and merge settings.
-    parameter_names : set[str]
-        The model's parameter names (the rest are BatchNorm statistics).
-    """
-
-    def __init__(
-        self,
-        roster: dict[int, Silo],
-        recorder: RunRecorder,
-        num_rounds: int,
-        min_sources: int = 1,
-        settings: FisherSettings | None = None,
-        parameter_names: set[str] | None = None,
-    ) -> None:
-        aggregator = FisherAggregator(settings or FisherSettings(), parameter_names or set())
-        super().__init__(roster, recorder, num_rounds, min_sources, aggregator=aggregator)
+        return to_record({n: merged[n] for n in weights[0]}), metrics

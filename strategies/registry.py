@@ -1,108 +1,113 @@
-"""Strategy names (``strategy.name`` in conf/strategy/*.yaml) -> configured instances."""
+"""Strategy names (``strategy.name`` in conf/strategy/*.yaml) -> strategies, assembled.
+
+Each name's settings class is in ``fedalign.settings.catalog``; FedProx and FedBN are FedAvg's
+rounds whose sources read their settings from ``train`` (``client/source.py``), and ``fisher``
+is FedAvg's rounds with a Fisher merge in place of the weighted average.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fedalign.config import ConfigError, Silo
+from fedalign.config import Silo
 from fedalign.runlog import RunRecorder
-from strategies.fedavg import SiloFedAvg
+from fedalign.settings.catalog import strategy_settings
+from fedalign.settings.fedavg import FedAvgSettings
+from fedalign.settings.updates import UpdateSettings
+from strategies.fedavg import SiloFedAvg, WeightedAverage
 from strategies.fedavg_stock import StockFedAvg
-from strategies.fedbn import FedBN
 from strategies.fedka import FedKA
-from strategies.fedprox import FedProx
-from strategies.fisher import FisherAggregator, FisherMerge, FisherSettings
+from strategies.fisher import FisherAggregator
+from strategies.recording import RoundRecorder
 from strategies.robust import RobustAggregator
+from strategies.roster import Roster
+from strategies.strategy import Aggregator, SiloStrategy
+from strategies.validation import ReplyValidator
 
-STRATEGIES = (
-    "fedavg",
-    "fedavg_stock",
-    "fedprox",
-    "fedbn",
-    "fisher",
-    "fedka",
-    "fedvote",
-    "fedka_fisher",
-)
+STRATEGIES: dict[str, type[SiloStrategy]] = {
+    "fedavg": SiloFedAvg,
+    "fedavg_stock": StockFedAvg,
+    "fedprox": SiloFedAvg,
+    "fedbn": SiloFedAvg,
+    "fisher": SiloFedAvg,
+    "fedka": FedKA,
+    "fedvote": FedKA,
+    "fedka_fisher": FedKA,
+}
 
 
-def fisher_parts(cfg: Any) -> tuple[FisherSettings, set[str]]:
-    """Fisher settings from ``strategy.fisher`` and the model's parameter names."""
+def parameter_names(cfg: Any) -> set[str]:
+    """The configured model's parameter names (a Fisher merge averages everything else)."""
     from fedalign.models import build_model
 
-    f = cfg.strategy.fisher
-    settings = FisherSettings(
-        mode=str(f.mode),
-        samples=int(f.samples),
-        floor=float(f.floor),
-        normalize=bool(f.normalize),
-        weighting=str(f.weighting),
-        transport=str(f.transport),
-    )
     model = build_model(cfg.model.name, int(cfg.model.num_classes), int(cfg.model.in_channels))
-    return settings, {name for name, _ in model.named_parameters()}
+    return {name for name, _ in model.named_parameters()}
 
 
-def build_strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> SiloFedAvg:
-    """The configured strategy for this roster, with the ``updates`` checks and aggregator."""
-    strategy = _strategy(cfg, roster, recorder)
-    u = cfg.updates
-    strategy.max_update_norm = None if u.max_norm is None else float(u.max_norm)
-    if u.robust != "none":
-        strategy.aggregator = RobustAggregator(
-            str(u.robust), float(u.trim_beta), int(u.num_malicious)
-        )
-    return strategy
+def aggregator_for(cfg: Any, settings: FedAvgSettings, updates: UpdateSettings) -> Aggregator:
+    """Fisher merge, a robust aggregator (``updates.robust``) or FedAvg's weighted average."""
+    if settings.merges_by_fisher:
+        return FisherAggregator(settings.fisher, parameter_names(cfg))  # fisher, fedka_fisher
+    if updates.robust != "none":
+        return RobustAggregator(updates.robust, updates.trim_beta, updates.num_malicious)
+    return WeightedAverage()
 
 
-def _alignment_blocks(s: Any) -> dict[str, Any]:
-    """FedKA's disentangler and class-aware alignment; a block that is off has weight 0."""
-    d, c = s.disentangle, s.class_align
-    return {
-        "disentangle_weight": float(d.weight) if d.enabled else 0.0,
-        "disentangle_schedule": str(d.schedule),
-        "disentangle_hidden": int(d.hidden),
-        "class_align_weight": float(c.weight) if c.enabled else 0.0,
-        "class_min_count": int(c.min_count),
-    }
+def build_strategy(cfg: Any, silos: dict[int, Silo], recorder: RunRecorder) -> SiloStrategy:
+    """The configured strategy for these silos, given its collaborators.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The validated run config.
+    silos : dict[int, Silo]
+        Node ID -> silo, from discovery.
+    recorder : RunRecorder
+        The run record.
+    """
+    settings = strategy_settings(cfg)
+    updates = UpdateSettings.from_config(cfg, settings.merges_by_fisher)
+    strategy = STRATEGIES[settings.name]
+    aggregator = aggregator_for(cfg, settings, updates)
+    return assemble(
+        strategy, settings, silos, recorder, int(cfg.rounds), aggregator, updates.max_norm
+    )
 
 
-def _strategy(cfg: Any, roster: dict[int, Silo], recorder: RunRecorder) -> SiloFedAvg:
-    s = cfg.strategy
-    common = {"num_rounds": int(cfg.rounds), "min_sources": int(s.min_sources)}
-    if s.name == "fedavg":
-        return SiloFedAvg(roster, recorder, **common)
-    if s.name == "fedavg_stock":
-        return StockFedAvg(roster, recorder, **common)
-    if s.name == "fedprox":
-        return FedProx(roster, recorder, **common, proximal_mu=float(s.proximal_mu))
-    if s.name == "fedbn":
-        return FedBN(roster, recorder, **common)
-    if s.name == "fisher":
-        settings, names = fisher_parts(cfg)
-        return FisherMerge(roster, recorder, **common, settings=settings, parameter_names=names)
-    if s.name in ("fedka", "fedvote", "fedka_fisher"):
-        aggregator = FisherAggregator(*fisher_parts(cfg)) if s.aggregation == "fisher" else None
-        return FedKA(
-            roster,
-            recorder,
-            **common,
-            align=bool(s.align),
-            vote=bool(s.vote),
-            start_from=str(s.start_from),
-            mmd_weight=float(s.mmd_weight),
-            **_alignment_blocks(s),
-            target_config={
-                "embed-samples": int(s.embed_samples),
-                "embed-transport": str(s.embed_transport),
-                "vote-samples": int(s.vote_samples),
-                "soft-vote": bool(s.soft_vote),
-                "min-agreement": float(s.min_agreement),
-                "vote-target-stats": bool(s.vote_target_stats),
-                "finetune-steps": int(s.finetune_steps),
-                "kernel-mul": float(s.kernel_mul),
-                "kernel-num": int(s.kernel_num),
-            },
-            aggregator=aggregator,
-        )
-    raise ConfigError(f"config: strategy.name={s.name!r} (known: {', '.join(STRATEGIES)})")
+def assemble(
+    strategy: type[SiloStrategy],
+    settings: FedAvgSettings,
+    silos: dict[int, Silo],
+    recorder: RunRecorder,
+    num_rounds: int,
+    aggregator: Aggregator | None = None,
+    max_update_norm: float | None = None,
+) -> SiloStrategy:
+    """``strategy`` with its collaborators made from these parts.
+
+    Parameters
+    ----------
+    strategy : type of SiloStrategy
+        The class to build (``STRATEGIES[name]``).
+    settings : FedAvgSettings
+        Its settings.
+    silos : dict[int, Silo]
+        Node ID -> silo, from discovery.
+    recorder : RunRecorder
+        The run record.
+    num_rounds : int
+        Total rounds.
+    aggregator : Aggregator, optional
+        FedAvg's weighted average when omitted.
+    max_update_norm : float, optional
+        ``updates.max_norm``.
+    """
+    roster = Roster(silos)
+    return strategy(
+        settings,
+        num_rounds,
+        roster,
+        RoundRecorder(recorder, roster),
+        ReplyValidator(max_update_norm),
+        aggregator or WeightedAverage(),
+    )

@@ -11,9 +11,8 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
 
-from strategies.utils import ARRAYS, METRICS
-
-ROBUST = ("none", "median", "trimmed_mean", "krum")
+from fedalign.protocol import ARRAYS, METRICS
+from fedalign.settings.updates import ROBUST
 
 
 class RobustAggregator:
@@ -40,7 +39,6 @@ class RobustAggregator:
         else:
             raise ValueError(f"robust aggregation {kind!r} (known: {', '.join(ROBUST[1:])})")
         self.kind = kind
-        self.client_config: dict[str, object] = {}
 
     def __call__(
         self, server_round: int, replies: list[Message], domains: list[str]

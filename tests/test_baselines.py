@@ -10,14 +10,15 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from client.app import app as client_app
 from fedalign.config import compose, silos
 from fedalign.models import DigitCNN, batchnorm_names, get_weights
+from fedalign.protocol import ARRAYS, CONFIG, from_record, to_config, to_record
 from fedalign.runlog import RunRecorder
+from fedalign.settings.fedbn import FedBNSettings
+from fedalign.settings.fedprox import FedProxSettings
 from fedalign.train import TrainConfig, train_local
 from server.discovery import discover_silos
 from server.grid import MeteredGrid
-from strategies.fedbn import FedBN
-from strategies.fedprox import FedProx
-from strategies.registry import build_strategy
-from strategies.utils import ARRAYS, CONFIG, from_record, to_config, to_record
+from strategies.fedavg import SiloFedAvg
+from strategies.registry import assemble, build_strategy
 from tests.conftest import InProcessGrid, make_context, silo_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -72,7 +73,7 @@ def test_fedbn_silo_keeps_its_own_batchnorm_across_rounds(digits_cache):
     assert without["encoder.1.running_var"].min() > second["encoder.1.running_var"].max() + 10
 
 
-def run_one_round(tmp_path, cache, strategy_cls, **kwargs) -> list[dict]:
+def run_one_round(tmp_path, cache, settings) -> list[dict]:
     nodes = {
         11: {"domain": "mnist", "role": "source", "data-dir": str(cache)},
         13: {"domain": "mnistm", "role": "target", "data-dir": str(cache)},
@@ -87,7 +88,7 @@ def run_one_round(tmp_path, cache, strategy_cls, **kwargs) -> list[dict]:
     cfg = compose(["data.domains=[mnist,mnistm]"])
     roster = discover_silos(grid, silos(cfg), timeout=10, data_config={})
     recorder = RunRecorder(tmp_path / "run", {"name": "t"}, target="mnistm")
-    strategy = strategy_cls(roster, recorder, num_rounds=1, **kwargs)
+    strategy = assemble(SiloFedAvg, settings, roster, recorder, 1)
     train = to_config(silo_config(cache, **{"local-steps": 5}))
     torch.manual_seed(0)
     strategy.start(grid, to_record(get_weights(DigitCNN())), 1, 60, train, train)
@@ -95,14 +96,15 @@ def run_one_round(tmp_path, cache, strategy_cls, **kwargs) -> list[dict]:
 
 
 def test_strategies_tell_the_sources_what_to_do(tmp_path, digits_cache):
-    prox = run_one_round(tmp_path / "p", digits_cache, FedProx, proximal_mu=0.5)
+    prox = run_one_round(tmp_path / "p", digits_cache, FedProxSettings(proximal_mu=0.5))
     assert prox[0]["proximal-mu"] == 0.5
-    bn = run_one_round(tmp_path / "b", digits_cache, FedBN)
+    bn = run_one_round(tmp_path / "b", digits_cache, FedBNSettings())
     assert bn[0]["local-batchnorm"] is True
 
 
-@pytest.mark.parametrize(("name", "cls"), [("fedprox", FedProx), ("fedbn", FedBN)])
-def test_registry_builds_the_baselines(tmp_path, name, cls):
+@pytest.mark.parametrize(("name", "kind"), [("fedprox", FedProxSettings), ("fedbn", FedBNSettings)])
+def test_registry_builds_the_baselines(tmp_path, name, kind):
     cfg = compose([f"strategy={name}"])
     roster = {1: silos(cfg)[0]}
-    assert isinstance(build_strategy(cfg, roster, RunRecorder(tmp_path, {}, "mnistm")), cls)
+    strategy = build_strategy(cfg, roster, RunRecorder(tmp_path, {}, "mnistm"))
+    assert type(strategy) is SiloFedAvg and isinstance(strategy.settings, kind)

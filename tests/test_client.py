@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.app import app as client_app
 from fedalign.models import build_model, get_weights
-from strategies.utils import ARRAYS, CONFIG, METRICS, SILO, from_record, to_record
+from fedalign.protocol import ARRAYS, CONFIG, METRICS, SILO, from_record, to_record
 from tests.conftest import make_context, silo_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")

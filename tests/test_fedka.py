@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,12 +15,7 @@ from client.app import app as client_app
 from fedalign.config import Silo, compose, silos
 from fedalign.errors import FederationError
 from fedalign.models import build_model, get_weights
-from fedalign.runlog import RunRecorder
-from fedalign.workspace import predict
-from server.discovery import discover_silos
-from server.grid import MeteredGrid
-from strategies.fedka import FedKA
-from strategies.utils import (
+from fedalign.protocol import (
     ARRAYS,
     CONFIG,
     EMBEDDINGS,
@@ -29,6 +25,13 @@ from strategies.utils import (
     to_config,
     to_record,
 )
+from fedalign.runlog import RunRecorder
+from fedalign.settings.fedka import DisentangleSettings, FedKASettings
+from fedalign.workspace import predict
+from server.discovery import discover_silos
+from server.grid import MeteredGrid
+from strategies.fedka import FedKA
+from strategies.registry import assemble
 from tests.conftest import InProcessGrid, make_context, silo_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -148,12 +151,27 @@ def node_configs(cache, nodes=NODES) -> dict[int, dict]:
     return {nid: {"domain": d, "role": r, "data-dir": str(cache)} for nid, (d, r) in nodes.items()}
 
 
+def fedka_settings(**changes) -> FedKASettings:
+    """What these tests run FedKA with: a small target round, the fine-tuned start, MK-MMD
+    weight 1 and no disentangler, with ``changes`` applied."""
+    settings = FedKASettings(
+        start_from="finetuned",
+        mmd_weight=1.0,
+        disentangle=DisentangleSettings(enabled=False),
+        vote_target_stats=False,
+        embed_samples=TARGET["embed-samples"],
+        vote_samples=TARGET["vote-samples"],
+        finetune_steps=TARGET["finetune-steps"],
+    )
+    return dataclasses.replace(settings, **changes)
+
+
 def run_fedka(tmp_path, grid, rounds=2, taps=(), **kwargs):
     cfg = compose(["data.domains=[mnist,usps,mnistm]"])
     recorder = RunRecorder(tmp_path / "run", {"name": "t"}, target="mnistm")
     metered = MeteredGrid(grid, taps=list(taps))
     roster = discover_silos(metered, silos(cfg), timeout=10, data_config={})
-    strategy = FedKA(roster, recorder, num_rounds=rounds, target_config=TARGET, **kwargs)
+    strategy = assemble(FedKA, fedka_settings(**kwargs), roster, recorder, rounds)
     train_cfg = silo_config(grid.nodes[11]["data-dir"])
     strategy.start(
         grid=metered,
@@ -276,9 +294,9 @@ def test_fedka_needs_exactly_one_target(tmp_path):
     recorder = RunRecorder(tmp_path / "run", {"name": "t"}, target="mnistm")
     two = {1: Silo("mnist", "source"), 2: Silo("mnistm", "target"), 3: Silo("usps", "target")}
     with pytest.raises(FederationError, match=r"exactly one target silo .* found 2: mnistm, usps"):
-        FedKA(two, recorder, num_rounds=1)
+        assemble(FedKA, FedKASettings(), two, recorder, 1)
     with pytest.raises(FederationError, match="found 0"):
-        FedKA({1: Silo("mnist", "source")}, recorder, num_rounds=1)
+        assemble(FedKA, FedKASettings(), {1: Silo("mnist", "source")}, recorder, 1)
 
 
 def test_source_reply_without_records_is_dropped(tmp_path, digits_cache, caplog):

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, RecordDict
 from client.adversary import META, OPTIMIZER, WEIGHTS
 from client.app import app as client_app
 from fedalign.config import ConfigError, compose, validate
-from strategies.utils import (
+from fedalign.protocol import (
     ARRAYS,
     CLASS_STATS,
     CONFIG,
@@ -20,6 +20,7 @@ from strategies.utils import (
     source_model_key,
     to_record,
 )
+from fedalign.settings.fedka import ClassAlignSettings, DisentangleSettings, FedKASettings
 from tests.conftest import InProcessGrid, make_context, silo_config
 from tests.test_fedka import TARGET, call, node_configs, run_fedka, weights
 
@@ -134,7 +135,11 @@ def test_class_alignment_alone_sends_class_statistics_and_no_embeddings(tmp_path
 
     grid = InProcessGrid(client_app, node_configs(digits_cache))
     strategy, lines = run_fedka(
-        tmp_path, grid, taps=[tap], align=False, class_align_weight=0.5, class_min_count=4
+        tmp_path,
+        grid,
+        taps=[tap],
+        align=False,
+        class_align=ClassAlignSettings(enabled=True, weight=0.5, min_count=4),
     )
     stats = [(d, t, r, s) for d, t, r, n, s in crossed if n == CLASS_STATS]
     assert {(d, t, r) for d, t, r, _ in stats} == {
@@ -164,8 +169,7 @@ def test_disentangler_alone_sends_embeddings_but_no_mmd_weight(tmp_path, digits_
         grid,
         taps=[tap],
         align=False,
-        disentangle_weight=0.2,
-        disentangle_schedule="constant",
+        disentangle=DisentangleSettings(weight=0.2, schedule="constant"),
     )
     assert all(c["disentangle-weight"] == 0.2 and c["reversal-scale"] == 1.0 for c in configs)
     assert not any("mmd-weight" in c or "class-align-weight" in c for c in configs)
@@ -190,9 +194,7 @@ def test_bad_block_settings_are_refused_before_anything_runs(override, message):
 
 
 def test_fedvote_turns_every_alignment_block_off():
-    from strategies.registry import _alignment_blocks
-
-    blocks = _alignment_blocks(compose(["strategy=fedvote"]).strategy)
-    assert blocks["disentangle_weight"] == 0 and blocks["class_align_weight"] == 0
-    fedka = _alignment_blocks(compose(["strategy=fedka"]).strategy)
-    assert fedka["disentangle_weight"] > 0
+    fedvote = FedKASettings.from_config(compose(["strategy=fedvote"]))
+    assert fedvote.disentangle_weight == 0 and fedvote.class_align_weight == 0
+    assert not fedvote.align and not fedvote.needs_embeddings
+    assert FedKASettings.from_config(compose(["strategy=fedka"])).disentangle_weight > 0

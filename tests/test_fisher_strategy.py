@@ -1,4 +1,4 @@
-"""FisherMerge / FisherAggregator: replies with Fisher records, validation, transport."""
+"""strategy=fisher / FisherAggregator: replies with Fisher records, validation, transport."""
 
 from __future__ import annotations
 
@@ -14,13 +14,7 @@ from client.app import app as client_app
 from fedalign.config import compose, silos
 from fedalign.fisher import diagonal_fisher, pack_float16, unpack_float16
 from fedalign.models import DigitCNN, get_weights
-from fedalign.runlog import RunRecorder
-from fedalign.train import to_input
-from server.discovery import discover_silos
-from server.grid import MeteredGrid
-from strategies.fedka import FedKA
-from strategies.fisher import FisherAggregator, FisherMerge, FisherSettings
-from strategies.utils import (
+from fedalign.protocol import (
     ARRAYS,
     FISHER,
     FISHER_SCALE,
@@ -29,6 +23,16 @@ from strategies.utils import (
     to_config,
     to_record,
 )
+from fedalign.runlog import RunRecorder
+from fedalign.settings.fedka import DisentangleSettings, FedKASettings
+from fedalign.settings.fisher import FisherMergeSettings, FisherSettings
+from fedalign.train import to_input
+from server.discovery import discover_silos
+from server.grid import MeteredGrid
+from strategies.fedavg import SiloFedAvg
+from strategies.fedka import FedKA
+from strategies.fisher import FisherAggregator
+from strategies.registry import assemble
 from tests.conftest import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -166,13 +170,13 @@ def fisher_problem(halves, scales) -> str:
     return aggregator.fisher_of(reply(1, 10, halves, scales))
 
 
-def run_strategy(tmp_path, cache, strategy_cls, rounds=2, **kwargs):
+def run_strategy(tmp_path, cache, strategy_cls, settings, aggregator, rounds=2):
     nodes = {nid: {"domain": d, "role": r, "data-dir": str(cache)} for nid, (d, r) in NODES.items()}
     grid = MeteredGrid(InProcessGrid(client_app, nodes))
     cfg = compose(["data.domains=[mnist,usps,mnistm]"])
     roster = discover_silos(grid, silos(cfg), timeout=10, data_config={})
     recorder = RunRecorder(tmp_path / "run", {"name": "t"}, target="mnistm")
-    strategy = strategy_cls(roster, recorder, num_rounds=rounds, **kwargs)
+    strategy = assemble(strategy_cls, settings, roster, recorder, rounds, aggregator)
     train = to_config(
         {
             "data-cache-dir": str(cache),
@@ -189,21 +193,32 @@ def run_strategy(tmp_path, cache, strategy_cls, rounds=2, **kwargs):
 
 
 def test_fisher_merge_rounds_in_process(tmp_path, digits_cache):
-    settings = FisherSettings(samples=64, transport="float16")
-    _, lines, _ = run_strategy(
-        tmp_path, digits_cache, FisherMerge, settings=settings, parameter_names=PARAMS
-    )
+    fisher = FisherSettings(samples=64, transport="float16")
+    aggregator = FisherAggregator(fisher, PARAMS)
+    settings = FisherMergeSettings(fisher=fisher)
+    _, lines, _ = run_strategy(tmp_path, digits_cache, SiloFedAvg, settings, aggregator)
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert lines[-1]["target_accuracy"] > lines[0]["target_accuracy"]
     assert lines[1]["silos"]["mnist"]["fisher-seconds"] > 0
 
 
 def test_fedka_can_merge_by_fisher(tmp_path, digits_cache, caplog):
-    aggregator = FisherAggregator(FisherSettings(samples=32), PARAMS)
-    target = {"embed-samples": 32, "vote-samples": 128, "finetune-steps": 4}
+    fisher = FisherSettings(samples=32)
+    aggregator = FisherAggregator(fisher, PARAMS)
+    settings = FedKASettings(
+        aggregation="fisher",
+        fisher=fisher,
+        start_from="finetuned",
+        mmd_weight=1.0,
+        disentangle=DisentangleSettings(enabled=False),
+        vote_target_stats=False,
+        embed_samples=32,
+        vote_samples=128,
+        finetune_steps=4,
+    )
     with caplog.at_level("WARNING", logger="fedalign.strategy"):
         strategy, lines, _ = run_strategy(
-            tmp_path, digits_cache, FedKA, rounds=1, aggregator=aggregator, target_config=target
+            tmp_path, digits_cache, FedKA, settings, aggregator, rounds=1
         )
     assert "left out of the Fisher merge" not in caplog.text
     assert isinstance(lines[-1]["vote_agreement"], float)

@@ -142,6 +142,12 @@ def test_bad_inputs_raise_one_line(params, fishers, weights, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("floor", [0.0, -1.0, 1e-31, float("nan")])
+def test_a_floor_below_the_settings_minimum_is_refused(floor):
+    with pytest.raises(ValueError, match=r"floor must be >= 1e-30"):
+        fisher_merge(random_silos(2), random_fishers(2), floor=floor)
+
+
 def test_no_silos_and_zero_fisher_norm_raise():
     with pytest.raises(ValueError, match="no silos"):
         fisher_merge([], [])

@@ -13,11 +13,13 @@ from client.app import app as client_app
 from fedalign.config import Silo, compose, silos
 from fedalign.errors import FederationError
 from fedalign.models import build_model, get_weights
+from fedalign.protocol import to_config, to_record
 from fedalign.runlog import RunRecorder
+from fedalign.settings.fedavg import FedAvgSettings
 from server.discovery import discover_silos
 from server.grid import MeteredGrid
 from strategies.fedavg import SiloFedAvg
-from strategies.utils import to_config, to_record
+from strategies.registry import assemble
 from tests.conftest import InProcessGrid, silo_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -40,7 +42,9 @@ def run_rounds(tmp_path, grid, rounds=2, min_sources=1):
     metered = MeteredGrid(grid)
     roster = discover_silos(metered, silos(cfg), timeout=10, data_config={})
     metered.discovery_bytes = metered.bytes_sent
-    strategy = SiloFedAvg(roster, recorder, num_rounds=rounds, min_sources=min_sources)
+    strategy = assemble(
+        SiloFedAvg, FedAvgSettings(min_sources=min_sources), roster, recorder, rounds
+    )
     torch.manual_seed(0)
     initial = get_weights(build_model("digit_cnn"))
     strategy.start(
@@ -95,7 +99,7 @@ def test_only_weights_and_scalars_cross_the_boundary(tmp_path, digits_cache):
     metered = MeteredGrid(grid, taps=[tap])
     roster = discover_silos(metered, silos(cfg), timeout=10, data_config={})
     recorder = RunRecorder(tmp_path / "run", {"name": "t"}, target="mnistm")
-    SiloFedAvg(roster, recorder, num_rounds=1).start(
+    assemble(SiloFedAvg, FedAvgSettings(), roster, recorder, 1).start(
         grid=metered,
         initial_arrays=to_record(get_weights(build_model("digit_cnn"))),
         num_rounds=1,

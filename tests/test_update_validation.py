@@ -18,11 +18,11 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from client.app import app as client_app
 from fedalign.config import ConfigError, compose, silos, validate
 from fedalign.models import build_model, get_weights
+from fedalign.protocol import ARRAYS, to_config, to_record
 from fedalign.runlog import RunRecorder
 from server.discovery import discover_silos
 from server.grid import MeteredGrid
 from strategies.registry import build_strategy
-from strategies.utils import ARRAYS, to_config, to_record
 from tests.conftest import InProcessGrid, silo_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")

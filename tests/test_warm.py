@@ -23,9 +23,9 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from client import warm
 from client.app import app as client_app
 from fedalign.config import compose, validate
+from fedalign.protocol import ARRAYS, CONFIG, METRICS
 from server.inprocess import run_in_process
 from server.processes import descendants, pid_alive
-from strategies.utils import ARRAYS, CONFIG, METRICS
 from tests.conftest import make_context, silo_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -76,7 +76,7 @@ def train_message(cache: Path, steps: int = 3) -> Message:
     import torch
 
     from fedalign.models import build_model, get_weights
-    from strategies.utils import to_record
+    from fedalign.protocol import to_record
 
     torch.manual_seed(0)
     content = RecordDict(
@@ -150,7 +150,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from client.app import app
 from server.inprocess import make_context
-from strategies.utils import CONFIG, METRICS
+from fedalign.protocol import CONFIG, METRICS
 loaded = time.time() - started
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 0, 1, 0
 content = RecordDict({{CONFIG: ConfigRecord({json.dumps(silo_config(digits_cache))})}})

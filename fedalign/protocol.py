@@ -1,14 +1,19 @@
-"""Helpers shared by the strategies, the ServerApp and the ClientApp: records and wire size."""
+"""The wire protocol: message types, record keys, and the record helpers both sides use.
+
+The server side (``strategies/``, ``server/``) and the silos (``client/``) speak only through
+these names. What each strategy puts into a message's ``config`` record is written by its
+settings (``fedalign/settings/``): ``to_wire`` on the server, ``from_wire`` on the silo.
+This is the one module of the core that knows Flower's record types.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
-# Message types of the protocol (see docs in server/app.py).
+# Message types of the protocol (besides Flower's ``train`` and ``evaluate``).
 INFO = "query.info"
 EMBED = "query.embed"  # FedKA: target silo evaluates and embeds
 VOTE = "train.vote"  # FedKA: target silo votes, fine-tunes, evaluates and embeds
@@ -47,8 +52,3 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 def to_config(values: Mapping[str, object]) -> ConfigRecord:
     """A flat mapping of scalars -> ConfigRecord (``None`` values are dropped)."""
     return ConfigRecord({k: v for k, v in values.items() if v is not None})
-
-
-def message_bytes(message: Message) -> int:
-    """Bytes of the message's serialized objects: what crosses the wire for it."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())

@@ -1,0 +1,3 @@
+"""The local update's allowed values (``train`` in conf/config.yaml)."""
+
+OPTIMIZERS = ("adam", "sgd")
