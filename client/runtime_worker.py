@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
 from client.warm import KEY, PROTOCOL, SERVING, SOCKET, code_fingerprint, socket_address
+from fedalign import atomic
 
 log = logging.getLogger("fedalign.runtime")
 WATCH_SECONDS = 0.5  # how often the worker looks for its supervisor
@@ -36,11 +37,7 @@ WATCH_SECONDS = 0.5  # how often the worker looks for its supervisor
 def write_key(folder: Path) -> bytes:
     """A fresh random key in ``folder/runtime.key`` (0600), replaced atomically."""
     key = secrets.token_bytes(32)
-    tmp = folder / f".{KEY}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key)
-    tmp.replace(folder / KEY)
+    atomic.write_bytes(folder / KEY, key, mode=0o600)
     return key
 
 
