@@ -11,19 +11,18 @@ from fedalign.protocol import ARRAYS, METRICS
 RECEIVED_KEYS = ("received-test-accuracy", "received-test-loss")
 
 
-def update_norm(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
+def update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
     """L2 distance between ``arrays`` and ``reference`` over all their float arrays.
 
     Parameters
     ----------
-    arrays : ArrayRecord
+    arrays : dict of str to np.ndarray
         A source's weights.
     reference : dict of str to np.ndarray
         The global model the source was sent.
     """
     total = 0.0
-    for name, array in arrays.items():
-        values = array.numpy()
+    for name, values in arrays.items():
         if np.issubdtype(values.dtype, np.floating):
             diff = values.astype(np.float64) - reference[name]
             total += float(np.dot(diff.ravel(), diff.ravel()))
@@ -59,15 +58,17 @@ class ReplyValidator:
         arrays = content[ARRAYS]
         if set(arrays) != set(self.sent):
             return f"arrays {sorted(set(arrays) ^ set(self.sent))[:3]} do not match the model"
+        values = {}  # each array deserialized once, for both checks
         for name, array in arrays.items():
             if (tuple(array.shape), array.dtype) != self.sent[name]:
                 return f"array '{name}' is {array.dtype}{list(array.shape)}, expected " + (
                     f"{self.sent[name][1]}{list(self.sent[name][0])}"
                 )
-            if not np.isfinite(array.numpy()).all():
+            values[name] = array.numpy()
+            if not np.isfinite(values[name]).all():
                 return f"array '{name}' has non-finite values"
         if self.max_update_norm is not None:
-            norm = update_norm(arrays, self.reference)
+            norm = update_norm(values, self.reference)
             if norm > self.max_update_norm:
                 return f"update norm {norm:.4g} exceeds updates.max_norm={self.max_update_norm:g}"
         metrics = content[METRICS]
