@@ -84,11 +84,14 @@ system-deps:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; } \
 		|| echo "note: docker-compose is not installed: the container checks will be skipped"
 
+# One file at a time per worker (a module's fixtures, such as tests/test_e2e.py's deployment, are
+# made once), in collection order: tests/conftest.py puts the files with deployments first.
+XDIST = -n $(PYTEST_JOBS) --dist loadfile --no-loadscope-reorder
 test: install system-deps
-	$(BIN)/python -m pytest -n $(PYTEST_JOBS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -n $(PYTEST_JOBS) -m "not e2e" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not e2e" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
