@@ -18,10 +18,13 @@ from fedalign.protocol import (
     FISHER_SCALE,
     METRICS,
     SILO,
+    TRAINED_ACCURACY,
+    TRAINED_LOSS,
     from_record,
     to_record,
 )
 from fedalign.settings.fedbn import FedBNSettings
+from fedalign.settings.feddg_ga import FedDGGASettings
 from fedalign.settings.fedka import SourceAlignment
 from fedalign.settings.fedprox import FedProxSettings
 from fedalign.settings.fisher import FisherSettings
@@ -105,6 +108,10 @@ def train(message: Message, context: Context) -> Message:
         "received-test-accuracy": received["test-accuracy"],
         "received-test-loss": received["test-loss"],
     }
+    if FedDGGASettings.from_wire(cfg) is not None:  # the local side of the generalization gap
+        local = evaluate(model, data.x_test, data.y_test, device, runtime.eval_batch(cfg))
+        metrics[TRAINED_ACCURACY] = local["test-accuracy"]
+        metrics[TRAINED_LOSS] = local["test-loss"]
     content = RecordDict(
         {
             ARRAYS: to_record(get_weights(model)),

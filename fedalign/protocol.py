@@ -28,6 +28,10 @@ CLASS_STATS = "class-stats"  # target class means (C x D), pooled variance (D), 
 FISHER = "fisher"  # a source's diagonal Fisher, one array per parameter
 FISHER_SCALE = "fisher-scale"  # per-array scales of a float16-transported Fisher
 
+# Metric keys a FedDG-GA source adds to its train reply: its trained model on its test split.
+TRAINED_ACCURACY = "trained-test-accuracy"
+TRAINED_LOSS = "trained-test-loss"
+
 
 def source_model_key(domain: str) -> str:
     """Record key of one source silo's model inside a ``train.vote`` message."""

@@ -24,10 +24,11 @@ log = logging.getLogger("fedalign.strategy")
 
 
 class WeightedAverage:
-    """FedAvg's average of the replies' weights and metrics, by example count (Flower's)."""
+    """FedAvg's average of the replies' weights and metrics (Flower's), by example count or by
+    another metric every reply carries (``weighted_by``; FedDG-GA's ``ga-weight``)."""
 
-    def __init__(self) -> None:
-        self.fedavg = FedAvg()
+    def __init__(self, weighted_by: str = "num-examples") -> None:
+        self.fedavg = FedAvg(weighted_by_key=weighted_by)
 
     def __call__(
         self, server_round: int, replies: list[Message], domains: list[str]

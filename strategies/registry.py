@@ -1,8 +1,9 @@
 """Strategy names (``strategy.name`` in conf/strategy/*.yaml) -> strategies, assembled.
 
 Each name's settings class is in ``fedalign.settings.catalog``; FedProx and FedBN are FedAvg's
-rounds whose sources read their settings from ``train`` (``client/source.py``), and ``fisher``
-is FedAvg's rounds with a Fisher merge in place of the weighted average.
+rounds whose sources read their settings from ``train`` (``client/source.py``), ``fisher``
+is FedAvg's rounds with a Fisher merge in place of the weighted average, and ``feddg_ga``
+FedAvg's rounds averaging by generalization-adjusted weights.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from fedalign.config import Silo
 from fedalign.runlog import RunRecorder
 from fedalign.settings.catalog import strategy_settings
 from fedalign.settings.fedavg import FedAvgSettings
+from fedalign.settings.feddg_ga import FedDGGASettings
 from fedalign.settings.updates import UpdateSettings
 from strategies.fedavg import SiloFedAvg, WeightedAverage
 from strategies.fedavg_stock import StockFedAvg
+from strategies.feddg_ga import GA_WEIGHT, FedDGGA
 from strategies.fedka import FedKA
 from strategies.fisher import FisherAggregator
 from strategies.recording import RoundRecorder
@@ -30,6 +33,7 @@ STRATEGIES: dict[str, type[SiloStrategy]] = {
     "fedprox": SiloFedAvg,
     "fedbn": SiloFedAvg,
     "fisher": SiloFedAvg,
+    "feddg_ga": FedDGGA,
     "fedka": FedKA,
     "fedvote": FedKA,
     "fedka_fisher": FedKA,
@@ -45,9 +49,12 @@ def parameter_names(cfg: Any) -> set[str]:
 
 
 def aggregator_for(cfg: Any, settings: FedAvgSettings, updates: UpdateSettings) -> Aggregator:
-    """Fisher merge, a robust aggregator (``updates.robust``) or FedAvg's weighted average."""
+    """Fisher merge, a robust aggregator (``updates.robust``) or FedAvg's weighted average (by
+    example count; by the generalization-adjusted weights for ``feddg_ga``)."""
     if settings.merges_by_fisher:
         return FisherAggregator(settings.fisher, parameter_names(cfg))  # fisher, fedka_fisher
+    if isinstance(settings, FedDGGASettings):
+        return WeightedAverage(GA_WEIGHT)
     if updates.robust != "none":
         return RobustAggregator(updates.robust, updates.trim_beta, updates.num_malicious)
     return WeightedAverage()

@@ -10,6 +10,7 @@ from fedalign.config import ConfigError, compose, validate
 from fedalign.settings.catalog import SETTINGS, strategy_settings
 from fedalign.settings.fedavg import FedAvgSettings
 from fedalign.settings.fedbn import FedBNSettings
+from fedalign.settings.feddg_ga import FedDGGASettings
 from fedalign.settings.fedka import (
     ClassAlignSettings,
     DisentangleSettings,
@@ -34,6 +35,7 @@ FEDKA = FedKASettings()
         ("fedprox", FedProxSettings()),
         ("fedbn", FedBNSettings()),
         ("fisher", FisherMergeSettings()),
+        ("feddg_ga", FedDGGASettings()),
         ("fedka", FEDKA),
         (
             "fedvote",
@@ -71,6 +73,10 @@ def test_every_strategy_name_has_settings_and_a_strategy():
         (["strategy=fedka", "strategy.min_agreement=2"], r"min_agreement=2.0 must be in \[0, 1\]"),
         (["strategy=fedka", "strategy.start_from=best"], r"strategy\.start_from='best'"),
         (["strategy=fisher", "updates.robust=median"], r"strategy fisher merges by Fisher"),
+        (["strategy=feddg_ga", "strategy.step_size=1.5"], r"step_size=1.5 must be in \[0, 1\]"),
+        (["strategy=feddg_ga", "strategy.step_schedule=cosine"], r"step_schedule='cosine'"),
+        (["strategy=feddg_ga", "strategy.gap_metric=f1"], r"strategy\.gap_metric='f1'"),
+        (["strategy=feddg_ga", "updates.robust=krum"], r"weights strategy feddg_ga adjusts"),
         (["train.optimizer=lion"], r"train\.optimizer='lion' \(known: adam, sgd\)"),
     ],
 )
@@ -81,7 +87,9 @@ def test_bad_settings_are_refused_in_one_line(overrides, message):
 
 
 # The wire: what the server writes, the silo reads back ----------------------------------------
-@pytest.mark.parametrize("settings", [FedProxSettings(proximal_mu=0.5), FedBNSettings()])
+@pytest.mark.parametrize(
+    "settings", [FedProxSettings(proximal_mu=0.5), FedBNSettings(), FedDGGASettings()]
+)
 def test_baseline_settings_survive_the_wire(settings):
     assert type(settings).from_wire(settings.to_wire()) == settings
     assert type(settings).from_wire({}) is None

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from fedalign.settings.checks import choice
 from fedalign.settings.fedavg import FedAvgSettings
 from fedalign.settings.fedbn import FedBNSettings
+from fedalign.settings.feddg_ga import FedDGGASettings
 from fedalign.settings.fedka import FedKASettings
 from fedalign.settings.fedprox import FedProxSettings
 from fedalign.settings.fisher import FisherMergeSettings
@@ -20,6 +21,7 @@ SETTINGS: dict[str, type[FedAvgSettings]] = {
     "fedprox": FedProxSettings,
     "fedbn": FedBNSettings,
     "fisher": FisherMergeSettings,
+    "feddg_ga": FedDGGASettings,
     "fedka": FedKASettings,
     "fedvote": FedKASettings,
     "fedka_fisher": FedKASettings,
