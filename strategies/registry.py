@@ -2,7 +2,8 @@
 
 Each name's settings class is in ``fedalign.settings.catalog``; FedProx and FedBN are FedAvg's
 rounds whose sources read their settings from ``train`` (``client/source.py``), and ``fisher``
-is FedAvg's rounds with a Fisher merge in place of the weighted average.
+is FedAvg's rounds with a Fisher merge in place of the weighted average; ``oneshot`` is one
+such round, merged by any of the three.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from strategies.fedavg import SiloFedAvg, WeightedAverage
 from strategies.fedavg_stock import StockFedAvg
 from strategies.fedka import FedKA
 from strategies.fisher import FisherAggregator
+from strategies.oneshot import OneShot
+from strategies.permuted_fisher import PermutedFisherAggregator
 from strategies.recording import RoundRecorder
 from strategies.robust import RobustAggregator
 from strategies.roster import Roster
@@ -33,6 +36,7 @@ STRATEGIES: dict[str, type[SiloStrategy]] = {
     "fedka": FedKA,
     "fedvote": FedKA,
     "fedka_fisher": FedKA,
+    "oneshot": OneShot,
 }
 
 
@@ -45,7 +49,10 @@ def parameter_names(cfg: Any) -> set[str]:
 
 
 def aggregator_for(cfg: Any, settings: FedAvgSettings, updates: UpdateSettings) -> Aggregator:
-    """Fisher merge, a robust aggregator (``updates.robust``) or FedAvg's weighted average."""
+    """Fisher merge (after matching hidden units: ``oneshot``), a robust aggregator
+    (``updates.robust``) or FedAvg's weighted average."""
+    if settings.aligns_units:
+        return PermutedFisherAggregator(settings.fisher, parameter_names(cfg), cfg.model.name)
     if settings.merges_by_fisher:
         return FisherAggregator(settings.fisher, parameter_names(cfg))  # fisher, fedka_fisher
     if updates.robust != "none":

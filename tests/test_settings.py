@@ -19,6 +19,7 @@ from fedalign.settings.fedka import (
 )
 from fedalign.settings.fedprox import FedProxSettings
 from fedalign.settings.fisher import FisherMergeSettings, FisherSettings
+from fedalign.settings.oneshot import OneShotSettings
 from fedalign.settings.updates import UpdateSettings
 from strategies.registry import STRATEGIES
 
@@ -42,6 +43,7 @@ FEDKA = FedKASettings()
             ),
         ),
         ("fedka_fisher", dataclasses.replace(FEDKA, name="fedka_fisher", aggregation="fisher")),
+        ("oneshot", OneShotSettings()),
     ],
 )
 def test_conf_shows_the_settings_defaults(name, expected):

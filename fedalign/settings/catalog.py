@@ -13,6 +13,7 @@ from fedalign.settings.fedbn import FedBNSettings
 from fedalign.settings.fedka import FedKASettings
 from fedalign.settings.fedprox import FedProxSettings
 from fedalign.settings.fisher import FisherMergeSettings
+from fedalign.settings.oneshot import OneShotSettings
 
 SETTINGS: dict[str, type[FedAvgSettings]] = {
     "fedavg": FedAvgSettings,
@@ -23,6 +24,7 @@ SETTINGS: dict[str, type[FedAvgSettings]] = {
     "fedka": FedKASettings,
     "fedvote": FedKASettings,
     "fedka_fisher": FedKASettings,
+    "oneshot": OneShotSettings,
 }
 
 
