@@ -71,6 +71,15 @@ def build(cfg: dict[str, Any], arrays: ArrayRecord) -> Any:
     return model
 
 
+def initialise(cfg: dict[str, Any], seed: int) -> Any:
+    """The configured model, freshly initialised from ``seed`` (a source's own start)."""
+    from fedalign.models import seeded_model
+
+    return seeded_model(
+        str(cfg["model"]), int(cfg.get("num-classes", 10)), int(cfg.get("in-channels", 3)), seed
+    )
+
+
 def device(silo: SiloIdentity, cfg: dict[str, Any]) -> Any:
     from fedalign.train import resolve_device
 

@@ -1,4 +1,5 @@
-"""A source silo's round: evaluate the received model, train (aligned to the target), reply."""
+"""A source silo's round: evaluate the received model (or, one-shot from independent starts, its
+own freshly initialised one), train (aligned to the target), reply."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from fedalign.settings.feddg_ga import FedDGGASettings
 from fedalign.settings.fedka import SourceAlignment
 from fedalign.settings.fedprox import FedProxSettings
 from fedalign.settings.fisher import FisherSettings
+from fedalign.settings.oneshot import OneShotSettings
 
 log = logging.getLogger("fedalign.client")
 OPTIMIZER = "optimizer"  # Context.state keys: the local optimizer survives across rounds
@@ -43,8 +45,13 @@ def train(message: Message, context: Context) -> Message:
     silo, cfg, data = runtime.setup(message, context)
     if silo.role != "source":
         raise ConfigError(f"role {silo.role!r} does not train with labels; only sources do")
-    model = runtime.build(cfg, message.content[ARRAYS])
     tag = f"silo {silo.domain} round {cfg.get('server-round', 0)}:"
+    own_seed = OneShotSettings.own_init_seed(cfg, silo.domain)
+    if own_seed is None:
+        model = runtime.build(cfg, message.content[ARRAYS])
+    else:  # one-shot merging from independent starts: the server sent no weights
+        model = runtime.initialise(cfg, own_seed)
+        log.info("%s initialised its own model (seed %d)", tag, own_seed)
     state.ensure(context, silo, cfg, tag)
     local_batchnorm = FedBNSettings.from_wire(cfg) is not None
     prox = FedProxSettings.from_wire(cfg)

@@ -122,6 +122,26 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> Split
     return MODELS[name](num_classes=num_classes, in_channels=in_channels)
 
 
+def seeded_model(name: str, num_classes: int, in_channels: int, seed: int) -> SplitModel:
+    """A registered model whose initial weights depend on ``seed`` alone.
+
+    Parameters
+    ----------
+    name : str
+        The model (see ``MODELS``).
+    num_classes : int
+        Output classes.
+    in_channels : int
+        Input channels (an MLP's input features).
+    seed : int
+        Seeds torch's generator for the initialisation; the caller's random state is left as
+        it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(name, num_classes, in_channels)
+
+
 def batchnorm_names(model: nn.Module) -> set[str]:
     """Names of every BatchNorm parameter and statistic in ``model``'s state_dict (FedBN)."""
     return {

@@ -1,8 +1,10 @@
 """The results table: read a grid's run folders, write Markdown, CSV and a plot (Flower-free).
 
 A grid's cells live in ``<root>/<preset>/<target>/<method>/seed<k>/`` (run folders). The
-headline per cell is the target accuracy averaged over the last 5 rounds; best-round accuracy
-is reported next to it (optimistic: it picks a round by the target's test labels).
+headline per cell is the target accuracy averaged over the last 5 rounds (of rounds 1..R; for a
+one-round run, ``strategy=oneshot``, the merge's accuracy: summary.json's
+``mean_last5_target_accuracy``, ``fedalign/runlog.py``); best-round accuracy is reported next
+to it (optimistic: it picks a round by the target's test labels).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Layout of ``<run_dir>``:
 - ``config.yaml``: the resolved config of the run.
 - ``metrics.jsonl``: one JSON line per round r (the global model after r rounds; r = 0 is the
   initial model): wall seconds, target accuracy, per-silo metrics, bytes sent and received.
-- ``summary.json``: status, final / best / mean-of-last-5 target accuracy, totals.
+- ``summary.json``: status, final / best / mean-of-last-5 target accuracy, totals. The rounds
+  are 1..R, never the initial model of round 0: with fewer than 5 rounds the mean is over all
+  of them, and a one-round run's (``strategy=oneshot``: the merge) is its round 1 accuracy.
 - ``accuracy.png``: target and per-silo test accuracy per round.
 """
 
@@ -260,6 +262,7 @@ class RunRecorder:
         """Write ``summary.json`` and ``accuracy.png`` (also on failure), close the tracker."""
         if self.lines:
             self.plot()
+        # Rounds 1..R: the initial model (round 0) counts in none of the headline numbers.
         accs = [(row["round"], row["target_accuracy"]) for row in self.lines if row["round"] > 0]
         accs = [(r, a) for r, a in accs if a is not None]
         last5 = [a for _, a in accs[-5:]]

@@ -69,7 +69,7 @@ class FisherAggregator:
     def __call__(
         self, server_round: int, replies: list[Message], domains: list[str]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        merged_from, fishers = [], []
+        merged_from, fishers, names = [], [], []
         for reply, domain in zip(replies, domains, strict=True):
             fisher = self.fisher_of(reply)
             if isinstance(fisher, str):
@@ -79,11 +79,40 @@ class FisherAggregator:
                 continue
             merged_from.append(reply)
             fishers.append(fisher)
+            names.append(domain)
         if not merged_from:
             log.warning("round %d: no usable Fisher; the global model is kept", server_round)
             return None, None
         weights = [from_record(r.content[ARRAYS]) for r in merged_from]
         counts = [float(r.content[METRICS]["num-examples"]) for r in merged_from]
+        merged = self.merge(server_round, weights, fishers, counts, names)
+        metrics = aggregate_metricrecords([r.content for r in merged_from], "num-examples")
+        metrics["fisher-silos"] = len(merged_from)
+        return to_record(merged), metrics
+
+    def merge(
+        self,
+        server_round: int,
+        weights: list[dict[str, np.ndarray]],
+        fishers: list[dict[str, np.ndarray]],
+        counts: list[float],
+        domains: list[str],
+    ) -> dict[str, np.ndarray]:
+        """The merged model of the usable replies (in the order of the first one's arrays).
+
+        Parameters
+        ----------
+        server_round : int
+            The round, for log lines.
+        weights : list of dict of str to np.ndarray
+            Each silo's model.
+        fishers : list of dict of str to np.ndarray
+            Each silo's diagonal Fisher (float32), one array per parameter.
+        counts : list of float
+            Each silo's example count.
+        domains : list of str
+            Each silo's name.
+        """
         parts = [split_fisher_weights(w, self.parameter_names) for w in weights]
         params, buffers = list(parts[0][0]), list(parts[0][1])
         merged = dict(
@@ -102,6 +131,4 @@ class FisherAggregator:
         if buffers:
             averaged = average_buffers([[b[n] for n in buffers] for _, b in parts], counts)
             merged.update(zip(buffers, averaged, strict=True))
-        metrics = aggregate_metricrecords([r.content for r in merged_from], "num-examples")
-        metrics["fisher-silos"] = len(merged_from)
-        return to_record({n: merged[n] for n in weights[0]}), metrics
+        return {n: merged[n] for n in weights[0]}

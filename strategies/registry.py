@@ -2,8 +2,9 @@
 
 Each name's settings class is in ``fedalign.settings.catalog``; FedProx and FedBN are FedAvg's
 rounds whose sources read their settings from ``train`` (``client/source.py``), ``fisher``
-is FedAvg's rounds with a Fisher merge in place of the weighted average, and ``feddg_ga``
-FedAvg's rounds averaging by generalization-adjusted weights.
+is FedAvg's rounds with a Fisher merge in place of the weighted average, ``feddg_ga`` FedAvg's
+rounds averaging by generalization-adjusted weights, and ``oneshot`` one such round, merged by
+the average, a Fisher merge or a Fisher merge after matching hidden units.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from strategies.fedavg_stock import StockFedAvg
 from strategies.feddg_ga import GA_WEIGHT, FedDGGA
 from strategies.fedka import FedKA
 from strategies.fisher import FisherAggregator
+from strategies.oneshot import OneShot
+from strategies.permuted_fisher import PermutedFisherAggregator
 from strategies.recording import RoundRecorder
 from strategies.robust import RobustAggregator
 from strategies.roster import Roster
@@ -37,6 +40,7 @@ STRATEGIES: dict[str, type[SiloStrategy]] = {
     "fedka": FedKA,
     "fedvote": FedKA,
     "fedka_fisher": FedKA,
+    "oneshot": OneShot,
 }
 
 
@@ -49,8 +53,11 @@ def parameter_names(cfg: Any) -> set[str]:
 
 
 def aggregator_for(cfg: Any, settings: FedAvgSettings, updates: UpdateSettings) -> Aggregator:
-    """Fisher merge, a robust aggregator (``updates.robust``) or FedAvg's weighted average (by
-    example count; by the generalization-adjusted weights for ``feddg_ga``)."""
+    """Fisher merge (after matching hidden units: ``oneshot``), a robust aggregator
+    (``updates.robust``) or FedAvg's weighted average (by example count; by the
+    generalization-adjusted weights for ``feddg_ga``)."""
+    if settings.aligns_units:
+        return PermutedFisherAggregator(settings.fisher, parameter_names(cfg), cfg.model.name)
     if settings.merges_by_fisher:
         return FisherAggregator(settings.fisher, parameter_names(cfg))  # fisher, fedka_fisher
     if isinstance(settings, FedDGGASettings):

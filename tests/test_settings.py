@@ -20,6 +20,7 @@ from fedalign.settings.fedka import (
 )
 from fedalign.settings.fedprox import FedProxSettings
 from fedalign.settings.fisher import FisherMergeSettings, FisherSettings
+from fedalign.settings.oneshot import OneShotSettings
 from fedalign.settings.updates import UpdateSettings
 from strategies.registry import STRATEGIES
 
@@ -44,6 +45,7 @@ FEDKA = FedKASettings()
             ),
         ),
         ("fedka_fisher", dataclasses.replace(FEDKA, name="fedka_fisher", aggregation="fisher")),
+        ("oneshot", OneShotSettings()),
     ],
 )
 def test_conf_shows_the_settings_defaults(name, expected):

@@ -14,6 +14,7 @@ from fedalign.settings.feddg_ga import FedDGGASettings
 from fedalign.settings.fedka import FedKASettings
 from fedalign.settings.fedprox import FedProxSettings
 from fedalign.settings.fisher import FisherMergeSettings
+from fedalign.settings.oneshot import OneShotSettings
 
 SETTINGS: dict[str, type[FedAvgSettings]] = {
     "fedavg": FedAvgSettings,
@@ -25,6 +26,7 @@ SETTINGS: dict[str, type[FedAvgSettings]] = {
     "fedka": FedKASettings,
     "fedvote": FedKASettings,
     "fedka_fisher": FedKASettings,
+    "oneshot": OneShotSettings,
 }
 
 

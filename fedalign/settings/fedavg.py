@@ -45,6 +45,11 @@ class FedAvgSettings:
         """Whether the source models are combined by Fisher (no robust average then)."""
         return False
 
+    @property
+    def aligns_units(self) -> bool:
+        """Whether the sources' hidden units are matched to one source's before the merge."""
+        return False
+
     def to_wire(self) -> dict[str, WireValue]:
         """Keys every source receives with ``train`` (none for FedAvg)."""
         return {}
