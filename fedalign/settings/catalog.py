@@ -12,6 +12,7 @@ from fedalign.settings.fedavg import FedAvgSettings
 from fedalign.settings.fedbn import FedBNSettings
 from fedalign.settings.fedka import FedKASettings
 from fedalign.settings.fedprox import FedProxSettings
+from fedalign.settings.fedsr import FedSRSettings
 from fedalign.settings.fisher import FisherMergeSettings
 
 SETTINGS: dict[str, type[FedAvgSettings]] = {
@@ -19,6 +20,7 @@ SETTINGS: dict[str, type[FedAvgSettings]] = {
     "fedavg_stock": FedAvgSettings,
     "fedprox": FedProxSettings,
     "fedbn": FedBNSettings,
+    "fedsr": FedSRSettings,
     "fisher": FisherMergeSettings,
     "fedka": FedKASettings,
     "fedvote": FedKASettings,
