@@ -1,8 +1,8 @@
 """Strategy names (``strategy.name`` in conf/strategy/*.yaml) -> strategies, assembled.
 
-Each name's settings class is in ``fedalign.settings.catalog``; FedProx and FedBN are FedAvg's
-rounds whose sources read their settings from ``train`` (``client/source.py``), and ``fisher``
-is FedAvg's rounds with a Fisher merge in place of the weighted average.
+Each name's settings class is in ``fedalign.settings.catalog``; FedProx, FedBN and FedSR are
+FedAvg's rounds whose sources read their settings from ``train`` (``client/source.py``), and
+``fisher`` is FedAvg's rounds with a Fisher merge in place of the weighted average.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ STRATEGIES: dict[str, type[SiloStrategy]] = {
     "fedavg_stock": StockFedAvg,
     "fedprox": SiloFedAvg,
     "fedbn": SiloFedAvg,
+    "fedsr": SiloFedAvg,
     "fisher": SiloFedAvg,
     "fedka": FedKA,
     "fedvote": FedKA,
