@@ -62,11 +62,9 @@ def silo_record(silo: SiloIdentity) -> ConfigRecord:
 
 def build(cfg: dict[str, Any], arrays: ArrayRecord) -> Any:
     """The configured model with ``arrays`` loaded (ValueError if they do not fit)."""
-    from fedalign.models import build_model, set_weights
+    from fedalign.models import model_from_config, set_weights
 
-    model = build_model(
-        str(cfg["model"]), int(cfg.get("num-classes", 10)), int(cfg.get("in-channels", 3))
-    )
+    model = model_from_config(cfg)
     set_weights(model, from_record(arrays))
     return model
 

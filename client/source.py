@@ -9,7 +9,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client import adversary as disentangler
-from client import runtime, state
+from client import reference, runtime, state
 from fedalign.config import ConfigError
 from fedalign.protocol import (
     ARRAYS,
@@ -28,6 +28,7 @@ from fedalign.settings.fedbn import FedBNSettings
 from fedalign.settings.feddg_ga import FedDGGASettings
 from fedalign.settings.fedka import SourceAlignment
 from fedalign.settings.fedprox import FedProxSettings
+from fedalign.settings.fedsr import FedSRSettings
 from fedalign.settings.fisher import FisherSettings
 from fedalign.settings.oneshot import OneShotSettings
 
@@ -55,6 +56,7 @@ def train(message: Message, context: Context) -> Message:
     state.ensure(context, silo, cfg, tag)
     local_batchnorm = FedBNSettings.from_wire(cfg) is not None
     prox = FedProxSettings.from_wire(cfg)
+    fedsr = FedSRSettings.from_wire(cfg)
     wanted = SourceAlignment.from_wire(cfg)
     if local_batchnorm:
         restore_batchnorm(context, model)
@@ -81,6 +83,10 @@ def train(message: Message, context: Context) -> Message:
             stats=ClassStatistics.from_arrays(from_record(message.content[CLASS_STATS])),
             weight=wanted.class_align_weight,
         )
+    regularizers = None
+    if fedsr is not None:
+        num_classes = int(cfg.get("num-classes", 10))
+        regularizers = reference.build(context, fedsr, num_classes, model.z_dim, train_cfg, tag)
     fit = train_local(
         model,
         data.x_train,
@@ -93,9 +99,12 @@ def train(message: Message, context: Context) -> Message:
         proximal_mu=prox.proximal_mu if prox is not None else 0.0,
         adversary=adversary,
         class_align=class_align,
+        regularizers=regularizers,
     )
     if adversary is not None:
         disentangler.save(context, adversary)
+    if regularizers is not None:
+        reference.save(context, regularizers)
     if cfg.get("keep-optimizer-state", True):
         save_optimizer(context, optimizer, cfg)
     if local_batchnorm:
@@ -134,7 +143,7 @@ def train(message: Message, context: Context) -> Message:
 
 def extra_terms(fit: dict[str, float]) -> str:
     """The log's summary of the alignment terms this round trained with."""
-    names = ("mmd", "domain-loss", "domain-accuracy", "class-align-loss")
+    names = ("mmd", "domain-loss", "domain-accuracy", "class-align-loss", "l2r-loss", "cmi-loss")
     return "".join(f", {name} {fit[name]:.4f}" for name in names if name in fit)
 
 

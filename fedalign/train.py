@@ -15,6 +15,7 @@ from torch import nn
 from fedalign.align import mk_mmd
 from fedalign.classalign import ClassStatistics, class_alignment_loss
 from fedalign.disentangle import domain_adversarial_loss
+from fedalign.fedsr import ReferenceDistribution, cmi_loss, l2r_loss, reparameterize
 from fedalign.settings.train import OPTIMIZERS
 
 log = logging.getLogger("fedalign.train")
@@ -106,6 +107,21 @@ class ClassAlignment:
     weight: float
 
 
+@dataclass(frozen=True)
+class RepresentationRegularizers:
+    """FedSR's terms: ``l2r_weight * l2r_loss(z) + cmi_weight * cmi_loss(mu, sigma, y)``
+    (``fedalign.fedsr``) for a ``GaussianModel``, whose classifier then reads sampled z.
+
+    The ``reference`` distribution (and its ``optimizer``) belong to the source silo and never
+    leave it, as in the official code.
+    """
+
+    reference: ReferenceDistribution
+    optimizer: torch.optim.Optimizer
+    l2r_weight: float
+    cmi_weight: float
+
+
 def train_local(
     model: nn.Module,
     x: np.ndarray,
@@ -119,6 +135,7 @@ def train_local(
     proximal_mu: float = 0.0,
     adversary: Adversary | None = None,
     class_align: ClassAlignment | None = None,
+    regularizers: RepresentationRegularizers | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.local_steps`` mini-batches.
 
@@ -126,13 +143,15 @@ def train_local(
     ``align.weight * mk_mmd(features of the batch, a random batch of target embeddings)``,
     plus, with ``adversary``, ``adversary.weight * domain_adversarial_loss`` on the same batch
     of embeddings (the discriminator steps with the model), plus, with ``class_align``,
-    ``class_align.weight * class_alignment_loss(features, labels)``,
+    ``class_align.weight * class_alignment_loss(features, labels)``, plus, with
+    ``regularizers`` (FedSR), its L2R and CMI terms on z sampled from ``model.distribution``
+    (each only when its weight is above 0; the reference steps with the model),
     plus, with ``proximal_mu > 0`` (FedProx), ``mu / 2 * ||w - w_start||^2`` over the
     parameters, where ``w_start`` are the weights the round started from.
     Pass ``optimizer`` to continue its state across rounds (else a fresh one is made).
     Returns mean training loss and accuracy, the mean of each extra term (``mmd``,
-    ``domain-loss`` with the discriminator's ``domain-accuracy``, ``class-align-loss``) over the
-    steps, and the wall seconds.
+    ``domain-loss`` with the discriminator's ``domain-accuracy``, ``class-align-loss``,
+    ``l2r-loss``, ``cmi-loss``) over the steps, and the wall seconds.
     """
     if len(x) < 2:
         raise ValueError(f"{tag or 'silo'}: too few training samples ({len(x)})")
@@ -144,14 +163,27 @@ def train_local(
     anchors = None if source is None else torch.from_numpy(source).to(device)
     if adversary is not None:
         adversary.discriminator.to(device).train()
+    steppers = [optimizer] + [
+        term.optimizer for term in (adversary, regularizers) if term is not None
+    ]
+    if regularizers is not None:
+        regularizers.reference.to(device).train()
+    l2r_weight = regularizers.l2r_weight if regularizers is not None else 0.0
+    cmi_weight = regularizers.cmi_weight if regularizers is not None else 0.0
     start_weights = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     anchor_rng = np.random.default_rng(cfg.seed + 1)
     batch_size = min(cfg.batch_size, len(x))
-    sums = {"loss": 0.0, "correct": 0.0, "mmd": 0.0, "domain": 0.0, "domain-acc": 0.0, "cls": 0.0}
+    sums = dict.fromkeys(
+        ("loss", "correct", "mmd", "domain", "domain-acc", "cls", "l2r", "cmi"), 0.0
+    )
     seen, start = 0, time.perf_counter()
     for step, idx in enumerate(batch_indices(len(x), batch_size, cfg.local_steps, cfg.seed), 1):
         index = torch.from_numpy(idx).to(device)
-        features = model.features(inputs[index])
+        if regularizers is not None:
+            mu, sigma = model.distribution(inputs[index])
+            features = reparameterize(mu, sigma)
+        else:
+            features = model.features(inputs[index])
         logits = model.classify(features)
         loss = loss_scale * nn.functional.cross_entropy(logits, labels[index])
         if anchors is not None:
@@ -172,6 +204,14 @@ def train_local(
             cls = class_alignment_loss(features, labels[index], class_align.stats)
             loss = loss + class_align.weight * cls
             sums["cls"] += cls.item() * len(idx)
+        if l2r_weight > 0:
+            l2r = l2r_loss(features)
+            loss = loss + l2r_weight * l2r
+            sums["l2r"] += l2r.item() * len(idx)
+        if cmi_weight > 0:
+            cmi = cmi_loss(mu, sigma, labels[index], regularizers.reference)
+            loss = loss + cmi_weight * cmi
+            sums["cmi"] += cmi.item() * len(idx)
         if start_weights:
             drift = sum(
                 (p - p0).square().sum()
@@ -180,13 +220,11 @@ def train_local(
             loss = loss + proximal_mu / 2 * drift
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{tag or 'silo'}: training loss became {loss.item()}")
-        optimizer.zero_grad(set_to_none=True)
-        if adversary is not None:
-            adversary.optimizer.zero_grad(set_to_none=True)
+        for stepper in steppers:
+            stepper.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if adversary is not None:
-            adversary.optimizer.step()
+        for stepper in steppers:
+            stepper.step()
         sums["loss"] += loss.item() * len(idx)
         sums["correct"] += int((logits.argmax(1) == labels[index]).sum())
         seen += len(idx)
@@ -202,6 +240,8 @@ def train_local(
         "domain-loss": (adversary, "domain"),
         "domain-accuracy": (adversary, "domain-acc"),
         "class-align-loss": (class_align, "cls"),
+        "l2r-loss": (regularizers if l2r_weight > 0 else None, "l2r"),
+        "cmi-loss": (regularizers if cmi_weight > 0 else None, "cmi"),
     }
     for name, (term, key) in extras.items():
         if term is not None:

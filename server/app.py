@@ -29,6 +29,7 @@ from fedalign.config import compose, from_json, silos, validate
 from fedalign.errors import FedalignError
 from fedalign.protocol import to_config, to_record
 from fedalign.runlog import RunRecorder
+from fedalign.settings.catalog import strategy_settings
 from server.audit import BoundaryAudit
 from server.discovery import discover_silos
 from server.grid import MeteredGrid
@@ -96,6 +97,7 @@ def message_configs(
         "in-channels": int(cfg.model.in_channels),
         "device": str(cfg.device),
         "eval-batch-size": int(cfg.eval.batch_size),
+        **strategy_settings(cfg).model_wire(),
     }
     train = {
         **common,
@@ -123,7 +125,7 @@ def run(
     import numpy as np
     import torch
 
-    from fedalign.models import build_model, get_weights
+    from fedalign.models import get_weights, model_from_config
     from strategies.registry import build_strategy
 
     audit = BoundaryAudit(recorder.run_dir / "boundary.jsonl")
@@ -139,7 +141,7 @@ def run(
     audit.names = {node: silo.domain for node, silo in roster.items()}
     strategy = build_strategy(cfg, roster, recorder)
     torch.manual_seed(int(cfg.seed))
-    model = build_model(cfg.model.name, int(cfg.model.num_classes), int(cfg.model.in_channels))
+    model = model_from_config(eval_cfg)
     initial = to_record(get_weights(model))
     if resume is not None:
         state, groups = resume

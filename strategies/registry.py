@@ -1,10 +1,10 @@
 """Strategy names (``strategy.name`` in conf/strategy/*.yaml) -> strategies, assembled.
 
-Each name's settings class is in ``fedalign.settings.catalog``; FedProx and FedBN are FedAvg's
-rounds whose sources read their settings from ``train`` (``client/source.py``), ``fisher``
-is FedAvg's rounds with a Fisher merge in place of the weighted average, ``feddg_ga`` FedAvg's
-rounds averaging by generalization-adjusted weights, and ``oneshot`` one such round, merged by
-the average, a Fisher merge or a Fisher merge after matching hidden units.
+Each name's settings class is in ``fedalign.settings.catalog``; FedProx, FedBN and FedSR are
+FedAvg's rounds whose sources read their settings from ``train`` (``client/source.py``),
+``fisher`` is FedAvg's rounds with a Fisher merge in place of the weighted average,
+``feddg_ga`` FedAvg's rounds averaging by generalization-adjusted weights, and ``oneshot`` one
+such round, merged by the average, a Fisher merge or a Fisher merge after matching hidden units.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ STRATEGIES: dict[str, type[SiloStrategy]] = {
     "fedavg_stock": StockFedAvg,
     "fedprox": SiloFedAvg,
     "fedbn": SiloFedAvg,
+    "fedsr": SiloFedAvg,
     "fisher": SiloFedAvg,
     "feddg_ga": FedDGGA,
     "fedka": FedKA,

@@ -13,6 +13,7 @@ from fedalign.settings.fedbn import FedBNSettings
 from fedalign.settings.feddg_ga import FedDGGASettings
 from fedalign.settings.fedka import FedKASettings
 from fedalign.settings.fedprox import FedProxSettings
+from fedalign.settings.fedsr import FedSRSettings
 from fedalign.settings.fisher import FisherMergeSettings
 from fedalign.settings.oneshot import OneShotSettings
 
@@ -21,6 +22,7 @@ SETTINGS: dict[str, type[FedAvgSettings]] = {
     "fedavg_stock": FedAvgSettings,
     "fedprox": FedProxSettings,
     "fedbn": FedBNSettings,
+    "fedsr": FedSRSettings,
     "fisher": FisherMergeSettings,
     "feddg_ga": FedDGGASettings,
     "fedka": FedKASettings,

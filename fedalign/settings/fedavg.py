@@ -53,3 +53,8 @@ class FedAvgSettings:
     def to_wire(self) -> dict[str, WireValue]:
         """Keys every source receives with ``train`` (none for FedAvg)."""
         return {}
+
+    def model_wire(self) -> dict[str, WireValue]:
+        """Keys every message carries because both sides build the model from them
+        (``fedalign.models.model_from_config``; none for FedAvg)."""
+        return {}
