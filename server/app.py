@@ -29,6 +29,7 @@ from fedalign.config import compose, from_json, silos, validate
 from fedalign.errors import FedalignError
 from fedalign.protocol import to_config, to_record
 from fedalign.runlog import RunRecorder
+from fedalign.settings.tta import TTASettings
 from server.audit import BoundaryAudit
 from server.discovery import discover_silos
 from server.grid import MeteredGrid
@@ -96,6 +97,7 @@ def message_configs(
         "in-channels": int(cfg.model.in_channels),
         "device": str(cfg.device),
         "eval-batch-size": int(cfg.eval.batch_size),
+        **TTASettings.from_config(cfg).to_wire(),  # read by the target silo only
     }
     train = {
         **common,
