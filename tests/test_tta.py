@@ -19,12 +19,14 @@ from fedalign.protocol import ARRAYS, CONFIG, METRICS, to_config, to_record
 from fedalign.results import accuracy_table, collect
 from fedalign.runlog import RunRecorder
 from fedalign.settings.fedavg import FedAvgSettings
+from fedalign.settings.fedka import DisentangleSettings, FedKASettings
 from fedalign.settings.tta import TTASettings, line_key, metric_key
 from fedalign.train import to_input
 from fedalign.tta import adabn, affinity_matrix, lame, lame_predict
 from server.discovery import discover_silos
 from server.grid import MeteredGrid
 from strategies.fedavg import SiloFedAvg
+from strategies.fedka import FedKA
 from strategies.registry import assemble
 from tests.conftest import InProcessGrid, silo_config
 
@@ -245,14 +247,29 @@ def test_the_target_reply_adds_only_the_tta_accuracies(digits_cache):
     assert not {metric_key("lame"), metric_key("adabn")} & set(source.content[METRICS])
 
 
+SMALL_VOTE = FedKASettings(
+    name="fedvote",
+    align=False,
+    disentangle=DisentangleSettings(enabled=False),
+    embed_samples=0,
+    vote_samples=256,
+    finetune_steps=4,
+)
+
+
 @pytest.mark.usefixtures("task_identity")
-def test_a_fedavg_run_records_the_tta_accuracies_every_round(tmp_path, digits_cache):
+@pytest.mark.parametrize(
+    ("kind", "settings"),
+    [(SiloFedAvg, FedAvgSettings()), (FedKA, SMALL_VOTE)],
+    ids=["fedavg-evaluate", "fedvote-embed-and-vote"],
+)
+def test_a_run_records_the_tta_accuracies_every_round(tmp_path, digits_cache, kind, settings):
     grid = InProcessGrid(client_app, node_configs(digits_cache))
     cfg = compose(["data.domains=[mnist,usps,mnistm]"])
     recorder = RunRecorder(tmp_path / "run", {"name": "t"}, target="mnistm")
     metered = MeteredGrid(grid)
     roster = discover_silos(metered, silos(cfg), timeout=10, data_config={})
-    strategy = assemble(SiloFedAvg, FedAvgSettings(), roster, recorder, 1)
+    strategy = assemble(kind, settings, roster, recorder, 1)
     config = to_config({**silo_config(digits_cache, **{"local-steps": 5}), **TTA_ON.to_wire()})
     torch.manual_seed(0)
     strategy.start(
