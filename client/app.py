@@ -4,7 +4,8 @@ Handlers (Flower message types):
 - ``query.info``: the silo's domain, role and sample counts (no data).
 - ``train`` (sources): evaluate the received global model on the local test split, train
   locally (with FedKA's alignment term when target embeddings come along), reply with weights.
-- ``evaluate``: evaluate the received weights on the local test split.
+- ``evaluate``: evaluate the received weights on the local test split (the target silo also
+  after each test-time adaptation that ``tta.methods`` enables).
 - ``query.embed`` / ``train.vote`` (target silo, FedKA): see ``client/target.py``.
 On a deployment, the ``warm.forward`` mod hands every message to the silo's long-lived runtime
 (``client/silo_runtime.py``) when one serves this silo, so the handlers below run there, warm.
@@ -83,15 +84,12 @@ def evaluate(message: Message, context: Context) -> Message:
 
     silo, cfg, data = runtime.setup(message, context)
     model = runtime.build(cfg, message.content[ARRAYS])
-    result = evaluate_model(
-        model, data.x_test, data.y_test, runtime.device(silo, cfg), runtime.eval_batch(cfg)
-    )
-    log.info(
-        "silo %s round %s: test acc %.4f",
-        silo.domain,
-        cfg.get("server-round"),
-        result["test-accuracy"],
-    )
+    device = runtime.device(silo, cfg)
+    result = evaluate_model(model, data.x_test, data.y_test, device, runtime.eval_batch(cfg))
+    tag = f"silo {silo.domain} round {cfg.get('server-round')}:"
+    log.info("%s test acc %.4f", tag, result["test-accuracy"])
+    if silo.role == "target":  # test-time adaptation, when the config enables it
+        result.update(target.adapted_accuracies(model, data, cfg, device, tag))
     metrics = MetricRecord({"num-examples": len(data.y_test), **result})
     if cfg.get("run-complete", False):
         state.discard(silo, cfg)

@@ -5,7 +5,9 @@ training inputs (features of the global model, FedKA's alignment anchors; only w
 the disentangler is on), with class-aware alignment on the class-conditional statistics of the
 voted samples' features under their pseudo-labels (C means, D pooled variances, a C-long mask),
 and scalar metrics. Target images, target labels, pseudo-labels and per-sample predictions stay
-here.
+here. With ``tta.methods`` on (any strategy), each evaluation reply also carries the test
+accuracy after each test-time adaptation (``adapted_accuracies``): the adapted predictions and
+BatchNorm statistics stay here too.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fedalign.protocol import (
     to_record,
 )
 from fedalign.settings.fedka import TargetRound
+from fedalign.settings.tta import LABELS, TTASettings, metric_key
 
 log = logging.getLogger("fedalign.client")
 STAT_KEYS = ("agreement", "kept_fraction", "pseudo_label_accuracy")  # vote statistics reported
@@ -38,6 +41,45 @@ STAT_KEYS = ("agreement", "kept_fraction", "pseudo_label_accuracy")  # vote stat
 def _require_target(role: str) -> None:
     if role != "target":
         raise ConfigError(f"role {role!r} cannot serve target requests; only the target silo does")
+
+
+def adapted_accuracies(
+    model: Any, data: Any, cfg: dict[str, Any], device: Any, tag: str
+) -> dict[str, float]:
+    """The target's test accuracy after each test-time adaptation the message's config enables
+    (``fedalign.settings.tta``): LAME on the test split's batches; AdaBN with BatchNorm
+    statistics re-estimated on the unlabelled training split. ``model`` is not modified."""
+    from fedalign.train import evaluate
+    from fedalign.tta import adabn, lame_predict
+
+    wanted = TTASettings.from_wire(cfg)
+    accuracies = {}
+    for method in wanted.methods:
+        if method == "lame":
+            labels = lame_predict(
+                model,
+                data.x_test,
+                device,
+                wanted.lame_affinity,
+                wanted.lame_knn,
+                wanted.lame_max_steps,
+                wanted.lame_batch_size,
+            )
+            accuracy = float(np.mean(labels == data.y_test))
+        elif method == "adabn":
+            batch = runtime.eval_batch(cfg)
+            adapted = adabn(model, data.x_train, device, batch)
+            accuracy = evaluate(adapted, data.x_test, data.y_test, device, batch)["test-accuracy"]
+        else:
+            raise ConfigError(f"unknown test-time adaptation {method!r} in tta.methods")
+        accuracies[metric_key(method)] = accuracy
+    if accuracies:
+        log.info(
+            "%s target test acc after %s",
+            tag,
+            ", ".join(f"{LABELS[m]} {accuracies[metric_key(m)]:.4f}" for m in wanted.methods),
+        )
+    return accuracies
 
 
 def _embeddings(
@@ -81,15 +123,12 @@ def embed_and_evaluate(message: Message, context: Context) -> Message:
     model = runtime.build(cfg, message.content[ARRAYS])
     device = runtime.device(silo, cfg)
     result = evaluate(model, data.x_test, data.y_test, device, runtime.eval_batch(cfg))
-    log.info(
-        "silo %s round %s: target test acc %.4f",
-        silo.domain,
-        cfg.get("server-round"),
-        result["test-accuracy"],
-    )
+    tag = f"silo {silo.domain} round {cfg.get('server-round')}:"
+    log.info("%s target test acc %.4f", tag, result["test-accuracy"])
+    adapted = adapted_accuracies(model, data, cfg, device, tag)
     content = RecordDict(
         {
-            METRICS: MetricRecord({"num-examples": len(data.y_test), **result}),
+            METRICS: MetricRecord({"num-examples": len(data.y_test), **result, **adapted}),
             SILO: runtime.silo_record(silo),
             **_embeddings(model, data, cfg, TargetRound.from_wire(cfg), device),
         }
@@ -162,6 +201,7 @@ def vote_and_fine_tune(message: Message, context: Context) -> Message:
     metrics = {
         "num-examples": int(mask.sum()),
         **result,
+        **adapted_accuracies(model, data, cfg, device, tag),
         "averaged-test-accuracy": averaged["test-accuracy"],
         "group-effect": averaged["test-accuracy"] - float(np.mean(list(source_acc.values()))),
         **{k: v for k, v in stats.items() if k in STAT_KEYS},

@@ -21,6 +21,7 @@ from fedalign.errors import ConfigError
 from fedalign.settings.catalog import strategy_settings
 from fedalign.settings.checks import choice, number, require
 from fedalign.settings.train import OPTIMIZERS
+from fedalign.settings.tta import TTASettings
 from fedalign.settings.updates import UpdateSettings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -170,6 +171,7 @@ def validate(cfg: DictConfig) -> None:
     choice(cfg, "wandb.mode", WANDB_MODES)
     choice(cfg, "model.name", tuple(sorted(MODELS)))
     UpdateSettings.from_config(cfg, strategy.merges_by_fisher)
+    TTASettings.from_config(cfg)
     _validate_polling(cfg)
     _validate_security(cfg)
     _validate_silo_runtime(cfg)

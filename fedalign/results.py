@@ -4,7 +4,9 @@ A grid's cells live in ``<root>/<preset>/<target>/<method>/seed<k>/`` (run folde
 headline per cell is the target accuracy averaged over the last 5 rounds (of rounds 1..R; for a
 one-round run, ``strategy=oneshot``, the merge's accuracy: summary.json's
 ``mean_last5_target_accuracy``, ``fedalign/runlog.py``); best-round accuracy is reported next
-to it (optimistic: it picks a round by the target's test labels).
+to it (optimistic: it picks a round by the target's test labels). A cell run with test-time
+adaptation (``tta.methods``) also gives a "METHOD + LAME" / "METHOD + AdaBN" row per method
+whose accuracy its metrics carry (the same run: same cost, adapted accuracies).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Any
 
 from fedalign import atomic
 from fedalign.config import learning_config
+from fedalign.settings.tta import LABELS as TTA_LABELS
+from fedalign.settings.tta import METHODS as TTA_METHODS
+from fedalign.settings.tta import line_key
 
 COLUMNS = (
     "target",
@@ -99,10 +104,50 @@ def engine_label(clock: dict[str, Any]) -> str:
     return engine + (f", {workers} at once" if workers > 1 else "")
 
 
-def cell_row(path: Path, target: str, method: str, seed: int) -> dict[str, Any]:
-    """One CSV row from a completed cell's summary.json and metrics.jsonl."""
-    summary = json.loads((path / "summary.json").read_text())
+def tta_label(method: str, tta: str) -> str:
+    """The results table's name of ``method`` with test-time adaptation ``tta``."""
+    return f"{method} + {TTA_LABELS[tta]}"
+
+
+def tta_rows(row: dict[str, Any], lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The "METHOD + LAME" / "METHOD + AdaBN" rows of a cell whose metrics.jsonl carries the
+    target accuracy after that adaptation: ``row`` (the plain row) with the adapted accuracies,
+    each over rounds 1..R as the summary takes the plain one (last 5, final, best)."""
+    rows = []
+    for tta in TTA_METHODS:
+        accs = [
+            (line["round"], line[line_key(tta)])
+            for line in lines
+            if line["round"] >= 1 and line.get(line_key(tta)) is not None
+        ]
+        if not accs:
+            continue
+        best = max(accs, key=lambda ra: ra[1])
+        rows.append(
+            {
+                **row,
+                "method": tta_label(row["method"], tta),
+                "last5_accuracy": statistics.fmean(a for _, a in accs[-5:]),
+                "final_accuracy": accs[-1][1],
+                "best_accuracy": best[1],
+                "best_round": best[0],
+            }
+        )
+    return rows
+
+
+def cell_rows(path: Path, target: str, method: str, seed: int) -> list[dict[str, Any]]:
+    """A completed cell's CSV rows: the plain row, then one per test-time adaptation."""
     lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    row = cell_row(path, target, method, seed, lines)
+    return [row, *tta_rows(row, lines)]
+
+
+def cell_row(
+    path: Path, target: str, method: str, seed: int, lines: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One CSV row from a completed cell's summary.json and its metrics.jsonl ``lines``."""
+    summary = json.loads((path / "summary.json").read_text())
     rounds = max(summary["rounds_completed"], 1)
     cell = path / "cell.json"  # the harness's own clock: process start-up included
     clock = json.loads(cell.read_text()) if cell.exists() else {}
@@ -141,7 +186,7 @@ def collect(
     ``defaults(method)`` the config with only the method's strategy chosen (see
     :func:`is_complete`)."""
     return [
-        cell_row(path, target, method, seed)
+        row
         for target in preset["targets"]
         for method in preset["methods"]
         for seed in preset["seeds"]
@@ -150,6 +195,7 @@ def collect(
             expected(target, method, seed),
             defaults(method),
         )
+        for row in cell_rows(path, target, method, seed)
     ]
 
 
@@ -162,9 +208,21 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
+def table_methods(rows: list[dict[str, Any]], preset: dict[str, Any]) -> list[str]:
+    """The preset's methods, each followed by its test-time adaptation rows that ``rows`` have."""
+    present = {r["method"] for r in rows}
+    return [
+        name
+        for method in preset["methods"]
+        for name in (method, *(tta_label(method, tta) for tta in TTA_METHODS))
+        if name == method or name in present
+    ]
+
+
 def accuracy_table(rows: list[dict[str, Any]], preset: dict[str, Any], key: str) -> str:
-    """Methods x targets (+ average) of ``key``, mean ± std over seeds."""
-    targets, methods = list(preset["targets"]), list(preset["methods"])
+    """Methods (with their "+ LAME" / "+ AdaBN" rows where ``rows`` have them) x targets
+    (+ average) of ``key``, mean ± std over seeds."""
+    targets, methods = list(preset["targets"]), table_methods(rows, preset)
     lines = [
         "| method | " + " | ".join(targets) + " | average |",
         "|---" * (len(targets) + 2) + "|",

@@ -3,7 +3,9 @@
 Layout of ``<run_dir>``:
 - ``config.yaml``: the resolved config of the run.
 - ``metrics.jsonl``: one JSON line per round r (the global model after r rounds; r = 0 is the
-  initial model): wall seconds, target accuracy, per-silo metrics, bytes sent and received.
+  initial model): wall seconds, target accuracy (and with ``tta.methods`` the target accuracy
+  after each test-time adaptation, ``target_accuracy_<method>``), per-silo metrics, bytes sent
+  and received.
 - ``summary.json``: status, final / best / mean-of-last-5 target accuracy, totals. The rounds
   are 1..R, never the initial model of round 0: with fewer than 5 rounds the mean is over all
   of them, and a one-round run's (``strategy=oneshot``: the merge) is its round 1 accuracy.
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from fedalign import atomic
+from fedalign.settings.tta import METHODS as TTA_METHODS
+from fedalign.settings.tta import line_key, metric_key
 
 log = logging.getLogger("fedalign.run")
 
@@ -129,6 +133,7 @@ class RunRecorder:
             "target": self.target,
             "target_accuracy": target.get("test-accuracy"),
             "target_loss": target.get("test-loss"),
+            **{line_key(m): target[metric_key(m)] for m in TTA_METHODS if metric_key(m) in target},
             "bytes_sent": int(self.round_info[rnd].get("bytes_sent", 0)),
             "bytes_received": int(self.round_info[rnd].get("bytes_received", 0)),
             **self.round_metrics.get(rnd, {}),

@@ -30,6 +30,7 @@ from fedalign.errors import FedalignError
 from fedalign.protocol import to_config, to_record
 from fedalign.runlog import RunRecorder
 from fedalign.settings.catalog import strategy_settings
+from fedalign.settings.tta import TTASettings
 from server.audit import BoundaryAudit
 from server.discovery import discover_silos
 from server.grid import MeteredGrid
@@ -98,6 +99,7 @@ def message_configs(
         "device": str(cfg.device),
         "eval-batch-size": int(cfg.eval.batch_size),
         **strategy_settings(cfg).model_wire(),
+        **TTASettings.from_config(cfg).to_wire(),  # read by the target silo only
     }
     train = {
         **common,

@@ -18,12 +18,16 @@ from flwr.serverapp import Grid
 
 from fedalign.protocol import METRICS
 from fedalign.runlog import RunRecorder
+from fedalign.settings.tta import METHODS as TTA_METHODS
+from fedalign.settings.tta import metric_key
 from strategies.roster import Roster
 from strategies.validation import RECEIVED_KEYS
 
 log = logging.getLogger("fedalign.strategy")
 # Every reply's timing (client/app.py): the silo's work and its ClientApp process's start-up.
 TIMING_KEYS = ("handler-seconds", "start-seconds", "import-seconds")
+# The target's accuracy after each test-time adaptation (``tta.methods``).
+TTA_KEYS = tuple(metric_key(method) for method in TTA_METHODS)
 
 
 class RoundRecorder:
@@ -102,13 +106,14 @@ class RoundRecorder:
         return valid
 
     def record_evaluation(self, rnd: int, reply: Message) -> None:
-        """Record an evaluation reply's accuracy and loss (a malformed one is logged)."""
+        """Record an evaluation reply's accuracy and loss, its timing and the target's
+        accuracies after test-time adaptation (a malformed reply is logged)."""
         domain = self.silo_of(reply)
         metrics = reply.content.metric_records.get(METRICS, {})
         if not all(isinstance(metrics.get(k), float | int) for k in ("test-accuracy", "test-loss")):
             log.warning("round %d: evaluation reply from %s lacks its metrics", rnd, domain)
             return
-        keys = ("test-accuracy", "test-loss", *TIMING_KEYS)
+        keys = ("test-accuracy", "test-loss", *TIMING_KEYS, *TTA_KEYS)
         values = {k: metrics[k] for k in keys if k in metrics}
         self.recorder.silo(rnd, domain, values)
 
