@@ -13,7 +13,7 @@ from fedalign.config import ConfigError, compose, validate
 from fedalign.models import get_weights, seeded_model
 from fedalign.permute import apply_permutation, permutation_spec
 from fedalign.protocol import ARRAYS, FISHER, METRICS, to_record
-from fedalign.results import cell_row
+from fedalign.results import cell_rows
 from fedalign.settings.catalog import strategy_settings
 from fedalign.settings.fisher import FisherSettings
 from fedalign.settings.oneshot import INDEPENDENT_INIT, OneShotSettings
@@ -156,7 +156,7 @@ def test_one_exchange_merges_once(tmp_path, digits_cache, caplog, merge, init):
     assert summary["rounds_completed"] == 1
     merged = lines[1]["target_accuracy"]
     assert summary["mean_last5_target_accuracy"] == summary["final_target_accuracy"] == merged
-    row = cell_row(tmp_path / "run", "mnistm", "oneshot", 0)
+    (row,) = cell_rows(tmp_path / "run", "mnistm", "oneshot", 0)
     assert row["last5_accuracy"] == row["final_accuracy"] == merged and row["rounds"] == 1
     # What crossed: train once to each source (weights only with a shared init), one reply each.
     train_sent = [b for b in boundary if b["type"] == "train" and b["direction"] == "sent"]
