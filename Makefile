@@ -4,9 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 PYTEST_ARGS ?=
-# pytest-xdist workers: the end-to-end tests mostly wait on Flower's polling. 3 workers were
-# measured too: 14.3 and 16.7 min against 15.6 min for 2, and CPU-bound tests slowed sharply.
-PYTEST_JOBS ?= 2
+# pytest-xdist workers on 2 cores: the deployments wait on Flower's polling, so a third worker
+# fills the gaps. Measured on a quiet machine, one after the other (one torch thread per worker,
+# tests/conftest.py): 3 workers 10 min 36 s, 2 workers 11 min 32 s.
+PYTEST_JOBS ?= 3
 
 .PHONY: help install system-deps run simulate test test-fast lint format data montage grid results clean bench \
 	compose-check compose-build compose-up compose-run compose-logs compose-down image-base \

@@ -13,6 +13,8 @@ changed) is run again from scratch, so an interruption loses at most the cell in
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import os
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from fedalign import atomic
 from fedalign.config import CONF_DIR, ConfigError, compose, silos, validate
@@ -66,7 +68,8 @@ def load_preset(name: str) -> dict[str, Any]:
     return preset
 
 
-def cell_overrides(preset: dict[str, Any], target: str, method: str, seed: int) -> list[str]:
+def method_overrides(preset: dict[str, Any], target: str, method: str) -> list[str]:
+    """A cell's Hydra overrides but its seed."""
     federation = "local" if preset["engine"] == "deployment" else "simulation"
     return [
         f"federation={federation}",
@@ -75,13 +78,25 @@ def cell_overrides(preset: dict[str, Any], target: str, method: str, seed: int) 
         *preset["methods"][method],
         *preset.get("per_target", {}).get(target, {}).get(method, []),
         f"data.target={target}",
-        f"seed={seed}",
     ]
 
 
+def cell_overrides(preset: dict[str, Any], target: str, method: str, seed: int) -> list[str]:
+    return [*method_overrides(preset, target, method), f"seed={seed}"]
+
+
+@functools.lru_cache(maxsize=256)
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    return compose(list(overrides))
+
+
 def expected_config(preset: dict[str, Any], target: str, method: str, seed: int) -> dict[str, Any]:
-    """The resolved config the grid runs this cell with now (before it picks free ports)."""
-    cfg = compose(cell_overrides(preset, target, method, seed))
+    """The resolved config the grid runs this cell with now (before it picks free ports).
+
+    The seed is set after composing: the seeds of one target and method share one composition
+    (Hydra's compose is most of the time a whole grid's check takes)."""
+    cfg = copy.deepcopy(_composed(tuple(method_overrides(preset, target, method))))
+    cfg.seed = seed
     return OmegaConf.to_container(cfg, resolve=True)
 
 

@@ -158,6 +158,21 @@ def test_a_block_that_is_off_compares_as_absent():
     assert not same_settings(off, on, defaults)
 
 
+def test_expected_config_is_the_cell_composed_with_its_seed():
+    """expected_config composes a target and method once for all seeds: it must equal composing
+    each cell's own overrides."""
+    from omegaconf import OmegaConf
+
+    from server.experiments import expected_config
+
+    full = load_preset("full")
+    for target, method, seed in [("syn", "fedka", 2), ("syn", "fedka", 0), ("usps", "fedbn", 1)]:
+        composed = compose(cell_overrides(full, target, method, seed))
+        assert expected_config(full, target, method, seed) == OmegaConf.to_container(
+            composed, resolve=True
+        )
+
+
 @pytest.mark.parametrize("name", ["full", "fedka-val-syn", "fedka-val-svhn"])
 def test_every_committed_run_record_is_current(name):
     """A committed cell that a preset would run again is a results table out of date."""
