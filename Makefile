@@ -50,7 +50,7 @@ PODMAN_UP_ARGS = $(if $(filter podman,$(CONTAINER_ENGINE)),--no-deps)
 help:
 	@echo "make run        real local federation (SuperLink + one SuperNode per silo), ARGS='key=value ...'"
 	@echo "make simulate   the same config in Flower's simulation engine"
-	@echo "make test       the full test suite (about 15 minutes on 2 cores)"
+	@echo "make test       the full test suite (about 11 minutes on 2 cores)"
 	@echo "make test-fast  the suite without the end-to-end process tests"
 	@echo "make data       build/verify the offline Digits-5 cache;  make montage  picture of the domains"
 	@echo "make grid       targets x methods x seeds, resumable: PRESET=smoke (a minute) or full;"
