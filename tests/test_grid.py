@@ -173,7 +173,9 @@ def test_expected_config_is_the_cell_composed_with_its_seed():
         )
 
 
-@pytest.mark.parametrize("name", ["full", "fedka-val-syn", "fedka-val-svhn"])
+@pytest.mark.parametrize(
+    "name", ["full", "fedka-val-syn", "fedka-val-svhn", "methods-val-syn", "methods-val-svhn"]
+)
 def test_every_committed_run_record_is_current(name):
     """A committed cell that a preset would run again is a results table out of date."""
     from fedalign.results import cell_dir, is_complete

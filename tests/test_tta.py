@@ -16,7 +16,7 @@ from client.app import app as client_app
 from fedalign.config import ConfigError, compose, silos, validate
 from fedalign.models import build_model, get_weights
 from fedalign.protocol import ARRAYS, CONFIG, METRICS, to_config, to_record
-from fedalign.results import accuracy_table, collect
+from fedalign.results import accuracy_table, collect, write_results
 from fedalign.runlog import RunRecorder
 from fedalign.settings.fedavg import FedAvgSettings
 from fedalign.settings.fedka import DisentangleSettings, FedKASettings
@@ -332,3 +332,7 @@ def test_results_show_a_tta_row_for_the_cells_that_carry_it(tmp_path):
     mean = 100 * np.mean([0.76, 0.6])
     std = 100 * np.std([0.76, 0.6], ddof=1)
     assert table[3] == f"| m + LAME | {mean:.1f} ± {std:.1f} | {mean:.1f} ± {std:.1f} |"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    paths = write_results(preset, tmp_path, docs, "s", lambda *a: None, lambda m: {})
+    assert "Cells complete: 4/4." in paths["md"].read_text()  # the TTA rows are no cells
