@@ -62,7 +62,8 @@ def silo_record(silo: SiloIdentity) -> ConfigRecord:
 
 def build(cfg: dict[str, Any], arrays: ArrayRecord) -> Any:
     """The configured model with ``arrays`` loaded (ValueError if they do not fit)."""
-    from fedalign.models import model_from_config, set_weights
+    from fedalign.models import set_weights
+    from fedalign.wire_model import model_from_config
 
     model = model_from_config(cfg)
     set_weights(model, from_record(arrays))

@@ -6,8 +6,7 @@ feature alignment (MMD on ``features``) and voting (on ``classify``) work on any
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -141,28 +140,6 @@ def seeded_model(name: str, num_classes: int, in_channels: int, seed: int) -> Sp
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(name, num_classes, in_channels)
-
-
-def model_from_config(config: Mapping[str, Any]) -> SplitModel:
-    """The model a message's config describes; the server builds its initial model from the
-    same keys it sends, so both sides build the same one.
-
-    Parameters
-    ----------
-    config : Mapping
-        ``model``, ``num-classes`` (default 10), ``in-channels`` (default 3) and, with FedSR,
-        ``fedsr-eval-samples``: then FedSR's probabilistic variant (``fedalign.fedsr``).
-    """
-    from fedalign.settings.fedsr import EVAL_SAMPLES
-
-    model = build_model(
-        str(config["model"]), int(config.get("num-classes", 10)), int(config.get("in-channels", 3))
-    )
-    if EVAL_SAMPLES not in config:
-        return model
-    from fedalign.fedsr import GaussianModel  # it builds on this module
-
-    return GaussianModel(model, int(config[EVAL_SAMPLES]))
 
 
 def batchnorm_names(model: nn.Module) -> set[str]:

@@ -127,7 +127,8 @@ def run(
     import numpy as np
     import torch
 
-    from fedalign.models import get_weights, model_from_config
+    from fedalign.models import get_weights
+    from fedalign.wire_model import model_from_config
     from strategies.registry import build_strategy
 
     audit = BoundaryAudit(recorder.run_dir / "boundary.jsonl")

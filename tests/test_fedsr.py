@@ -17,11 +17,12 @@ from fedalign.fedsr import (
     l2r_loss,
     reparameterize,
 )
-from fedalign.models import DigitCNN, build_model, get_weights, model_from_config
+from fedalign.models import DigitCNN, build_model, get_weights
 from fedalign.protocol import ARRAYS, CONFIG, METRICS, from_record, to_record
 from fedalign.settings.catalog import strategy_settings
 from fedalign.settings.fedsr import EVAL_SAMPLES, FedSRSettings
 from fedalign.train import RepresentationRegularizers, TrainConfig, batch_indices, train_local
+from fedalign.wire_model import model_from_config
 from strategies.fedavg import SiloFedAvg
 from strategies.registry import STRATEGIES
 from tests.conftest import make_context, silo_config

@@ -56,5 +56,5 @@ class FedAvgSettings:
 
     def model_wire(self) -> dict[str, WireValue]:
         """Keys every message carries because both sides build the model from them
-        (``fedalign.models.model_from_config``; none for FedAvg)."""
+        (``fedalign.wire_model.model_from_config``; none for FedAvg)."""
         return {}
