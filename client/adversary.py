@@ -11,15 +11,13 @@ import logging
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 
-from fedalign.protocol import from_record, to_record
+from client import kept_module
 from fedalign.settings.fedka import SourceAlignment
 
 log = logging.getLogger("fedalign.client")
-WEIGHTS = "discriminator"  # Context.state keys
-OPTIMIZER = "discriminator-optimizer"
-META = "discriminator-meta"
+KEY = "discriminator"  # Context.state key (client/kept_module.py)
 
 
 def build(
@@ -41,24 +39,22 @@ def build(
         Log prefix naming the silo and round.
     """
     from fedalign.disentangle import new_discriminator
-    from fedalign.models import set_weights
-    from fedalign.train import Adversary, load_optimizer_state, make_optimizer
+    from fedalign.train import Adversary
 
     weight = wanted.disentangle_weight
     if weight <= 0:
         return None
     hidden = wanted.disentangle_hidden
     meta = {"feature-dim": int(embeddings.shape[1]), "hidden": hidden}
-    discriminator = new_discriminator(meta["feature-dim"], hidden, train_cfg.seed)
-    optimizer = make_optimizer(discriminator, train_cfg)
-    if WEIGHTS in context.state and dict(context.state[META]) == meta:
-        try:
-            set_weights(discriminator, from_record(context.state[WEIGHTS]))
-            load_optimizer_state(optimizer, from_record(context.state[OPTIMIZER]))
-        except (KeyError, ValueError) as exc:
-            log.warning("%s starting a fresh domain discriminator: %s", tag, exc)
-            discriminator = new_discriminator(meta["feature-dim"], hidden, train_cfg.seed)
-            optimizer = make_optimizer(discriminator, train_cfg)
+    discriminator, optimizer = kept_module.restore(
+        context,
+        KEY,
+        meta,
+        lambda: new_discriminator(meta["feature-dim"], hidden, train_cfg.seed),
+        train_cfg,
+        tag,
+        "domain discriminator",
+    )
     return Adversary(
         discriminator=discriminator,
         optimizer=optimizer,
@@ -70,12 +66,6 @@ def build(
 
 def save(context: Context, adversary: Any) -> None:
     """Keep the discriminator and its optimizer in ``context.state`` for the next round."""
-    from fedalign.models import get_weights
-    from fedalign.train import optimizer_state
-
     first = adversary.discriminator.net[0]
-    context.state[WEIGHTS] = to_record(get_weights(adversary.discriminator))
-    context.state[OPTIMIZER] = to_record(optimizer_state(adversary.optimizer))
-    context.state[META] = ConfigRecord(
-        {"feature-dim": int(first.in_features), "hidden": int(first.out_features)}
-    )
+    meta = {"feature-dim": int(first.in_features), "hidden": int(first.out_features)}
+    kept_module.keep(context, KEY, adversary.discriminator, adversary.optimizer, meta)

@@ -10,15 +10,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 
-from fedalign.protocol import from_record, to_record
+from client import kept_module
 from fedalign.settings.fedsr import FedSRSettings
 
 log = logging.getLogger("fedalign.client")
-WEIGHTS = "fedsr-reference"  # Context.state keys
-OPTIMIZER = "fedsr-reference-optimizer"
-META = "fedsr-reference-meta"
+KEY = "fedsr-reference"  # Context.state key (client/kept_module.py)
 
 
 def build(
@@ -47,20 +45,17 @@ def build(
         Log prefix naming the silo and round.
     """
     from fedalign.fedsr import ReferenceDistribution
-    from fedalign.models import set_weights
-    from fedalign.train import RepresentationRegularizers, load_optimizer_state, make_optimizer
+    from fedalign.train import RepresentationRegularizers
 
-    meta = {"classes": num_classes, "z-dim": z_dim}
-    reference = ReferenceDistribution(num_classes, z_dim)
-    optimizer = make_optimizer(reference, train_cfg)
-    if WEIGHTS in context.state and dict(context.state[META]) == meta:
-        try:
-            set_weights(reference, from_record(context.state[WEIGHTS]))
-            load_optimizer_state(optimizer, from_record(context.state[OPTIMIZER]))
-        except (KeyError, ValueError) as exc:
-            log.warning("%s starting a fresh reference distribution: %s", tag, exc)
-            reference = ReferenceDistribution(num_classes, z_dim)
-            optimizer = make_optimizer(reference, train_cfg)
+    reference, optimizer = kept_module.restore(
+        context,
+        KEY,
+        {"classes": num_classes, "z-dim": z_dim},
+        lambda: ReferenceDistribution(num_classes, z_dim),
+        train_cfg,
+        tag,
+        "reference distribution",
+    )
     return RepresentationRegularizers(
         reference=reference,
         optimizer=optimizer,
@@ -71,10 +66,6 @@ def build(
 
 def save(context: Context, regularizers: Any) -> None:
     """Keep the reference and its optimizer in ``context.state`` for the next round."""
-    from fedalign.models import get_weights
-    from fedalign.train import optimizer_state
-
     num_classes, z_dim = regularizers.reference.r_mu.shape
-    context.state[WEIGHTS] = to_record(get_weights(regularizers.reference))
-    context.state[OPTIMIZER] = to_record(optimizer_state(regularizers.optimizer))
-    context.state[META] = ConfigRecord({"classes": int(num_classes), "z-dim": int(z_dim)})
+    meta = {"classes": int(num_classes), "z-dim": int(z_dim)}
+    kept_module.keep(context, KEY, regularizers.reference, regularizers.optimizer, meta)

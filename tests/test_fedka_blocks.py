@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from client.adversary import META, OPTIMIZER, WEIGHTS
 from client.app import app as client_app
 from fedalign.config import ConfigError, compose, validate
 from fedalign.protocol import (
@@ -23,6 +22,9 @@ from fedalign.protocol import (
 from fedalign.settings.fedka import ClassAlignSettings, DisentangleSettings, FedKASettings
 from tests.conftest import InProcessGrid, make_context, silo_config
 from tests.test_fedka import TARGET, call, node_configs, run_fedka, weights
+
+# where a source keeps its discriminator in Context.state (client/adversary.py, kept_module.py)
+WEIGHTS, OPTIMIZER, META = "discriminator", "discriminator-optimizer", "discriminator-meta"
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
