@@ -6,7 +6,8 @@ ARGS   ?=
 PYTEST_ARGS ?=
 # pytest-xdist workers on 2 cores: the deployments wait on Flower's polling, so a third worker
 # fills the gaps. Measured on a quiet machine, one after the other (one torch thread per worker,
-# tests/conftest.py): 3 workers 10 min 36 s, 2 workers 11 min 32 s.
+# tests/conftest.py): 3 workers 10 min 36 s, 2 workers 11 min 32 s, 4 workers 10 min 30 s for
+# the same suite (4: the CPU is full, more is lost to contention). Since then: 9 min 36 s on 3.
 PYTEST_JOBS ?= 3
 
 .PHONY: help install system-deps run simulate test test-fast lint format data montage grid results clean bench \
@@ -50,7 +51,7 @@ PODMAN_UP_ARGS = $(if $(filter podman,$(CONTAINER_ENGINE)),--no-deps)
 help:
 	@echo "make run        real local federation (SuperLink + one SuperNode per silo), ARGS='key=value ...'"
 	@echo "make simulate   the same config in Flower's simulation engine"
-	@echo "make test       the full test suite (about 11 minutes on 2 cores)"
+	@echo "make test       the full test suite (about 10 minutes on 2 cores)"
 	@echo "make test-fast  the suite without the end-to-end process tests"
 	@echo "make data       build/verify the offline Digits-5 cache;  make montage  picture of the domains"
 	@echo "make grid       targets x methods x seeds, resumable: PRESET=smoke (a minute) or full;"

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedalign.errors import ConfigError
 from fedalign.settings.catalog import strategy_settings
 from fedalign.settings.checks import choice, number, require
+from fedalign.settings.model import MODEL_NAMES
 from fedalign.settings.train import OPTIMIZERS
 from fedalign.settings.tta import TTASettings
 from fedalign.settings.updates import UpdateSettings
@@ -131,8 +132,6 @@ def _validate_polling(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Semantic checks Hydra cannot do; raises :class:`ConfigError` with one line."""
-    from fedalign.models import MODELS
-
     try:
         OmegaConf.resolve(cfg)
     except Exception as exc:
@@ -169,7 +168,7 @@ def validate(cfg: DictConfig) -> None:
     choice(cfg, "train.optimizer", OPTIMIZERS)
     choice(cfg, "federation.mode", FEDERATION_MODES)
     choice(cfg, "wandb.mode", WANDB_MODES)
-    choice(cfg, "model.name", tuple(sorted(MODELS)))
+    choice(cfg, "model.name", MODEL_NAMES)
     UpdateSettings.from_config(cfg, strategy.merges_by_fisher)
     TTASettings.from_config(cfg)
     _validate_polling(cfg)

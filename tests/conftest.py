@@ -20,6 +20,7 @@ from server.inprocess import InProcessGrid, make_context  # noqa: F401 (the test
 from server.processes import port_in_use
 
 SMALL_DOMAINS = ("mnist", "usps", "mnistm")
+CACHED_DOMAINS = (*SMALL_DOMAINS, "syn")  # syn: a third source where a test needs one
 
 # A suite started in the background by a non-interactive shell inherits SIGINT ignored, and so
 # would every `fedalign run` it starts; the Ctrl-C tests need the default disposition.
@@ -54,7 +55,7 @@ def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fedalign.data import build_all
 
     cache = tmp_path_factory.mktemp("digits-cache")
-    build_all(cache_dir=cache, domains=SMALL_DOMAINS)
+    build_all(cache_dir=cache, domains=CACHED_DOMAINS)
     return cache
 
 

@@ -55,8 +55,11 @@ def test_smoke_grid_runs_resumes_and_tabulates(tmp_path, digits_cache):
     broken.write_text(json.dumps({"status": "failed"}))
     kept = tmp_path / "results" / "smoke" / "mnistm" / "fedavg" / "seed0" / "summary.json"
     before = kept.stat().st_mtime_ns
-    second = subprocess.run(
-        [FEDALIGN, "grid", "smoke", *env_args], capture_output=True, text=True, timeout=900
+    second = subprocess.run(  # one cell left: run in the grid's own process, no worker pool
+        [FEDALIGN, "grid", "smoke", *env_args, "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert second.returncode == 0, second.stderr[-2000:]
     assert "grid smoke: 1 run, 3 skipped, 0 failed" in second.stdout

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from fedalign.models import DigitCNN, build_model, get_weights, set_weights
+from fedalign.models import MODELS, DigitCNN, build_model, get_weights, set_weights
+from fedalign.settings.model import MODEL_NAMES
 from fedalign.train import TrainConfig, batch_indices, evaluate, train_local
 
 
@@ -35,6 +37,14 @@ def test_registry_builds_resnet18_with_the_same_split():
     assert model.classify(features).shape == (2, 7)
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         build_model("vgg")
+
+
+def test_the_config_check_knows_every_registered_model_without_torch():
+    assert sorted(MODELS) == sorted(MODEL_NAMES)
+    check = "import sys; from fedalign.config import compose, validate; validate(compose([]));"
+    check += " assert 'torch' not in sys.modules, 'validating a config imported torch'"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_weights_round_trip_and_exclude_integer_buffers():

@@ -1,24 +1,19 @@
-"""TLS and SuperNode authentication: the certificate folder, its checks, and a real federation
-that refuses a plaintext SuperNode and one whose key was never registered."""
+"""TLS and SuperNode authentication: the certificate folder and its checks. A real federation
+that refuses a plaintext SuperNode and one whose key was never registered: tests/test_join.py."""
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-import json
 import re
 import stat
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from omegaconf import OmegaConf
 
 from fedalign.config import ConfigError, compose, validate
 from server.certs import CertificateError, check_certificates, make_certificates
-from server.launcher import LocalFederation
-from server.submit import flower_bin
-from tests.conftest import free_ports, port_overrides
 
 
 def digest(path: Path) -> str:
@@ -78,53 +73,3 @@ def test_missing_or_foreign_certificates_get_one_line(tmp_path):
 def test_security_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(compose(overrides))
-
-
-@pytest.mark.e2e
-def test_secure_federation_refuses_plaintext_and_unregistered_supernodes(digits_cache, tmp_path):
-    cfg = compose(
-        [
-            "data.domains=[mnist,mnistm]",
-            f"data.cache_dir={digits_cache}",
-            "rounds=1",
-            "train.local_steps=5",
-            "wandb.mode=disabled",
-            "federation.tls=true",
-            "federation.auth=true",
-            f"federation.certs_dir={tmp_path / 'certs'}",
-            *port_overrides(2),
-        ]
-    )
-    validate(cfg)
-    make_certificates(tmp_path / "certs", ["mnist", "mnistm"])
-    make_certificates(tmp_path / "other", ["intruder"])  # a key the SuperLink never registered
-    run_dir = tmp_path / "run"
-    OmegaConf.update(cfg, "output.run_dir", str(run_dir), force_add=True)
-    fleet = f"127.0.0.1:{cfg.federation.fleet_port}"
-    plain_port, intruder_port = free_ports(2)
-    node_config = 'domain="mnist" role="source"'
-    with LocalFederation(cfg, run_dir, echo=lambda *_: None) as federation:
-        federation.start()
-        plaintext = federation.procs.start(
-            "plaintext",
-            [flower_bin("flower-supernode"), "--insecure", "--superlink", fleet,
-             "--node-config", node_config, "--port", str(plain_port)],
-            tmp_path / "plaintext.log",
-        )  # fmt: skip
-        intruder = federation.procs.start(
-            "intruder",
-            [flower_bin("flower-supernode"),
-             "--root-certificates", str(tmp_path / "certs" / "ca.crt"),
-             "--auth-supernode-private-key", str(tmp_path / "other" / "silos" / "intruder"),
-             "--superlink", fleet, "--node-config", node_config, "--port", str(intruder_port)],
-            tmp_path / "intruder.log",
-        )  # fmt: skip
-        status = federation.submit()
-        assert intruder.popen.wait(timeout=120) != 0
-        assert "Failed to activate SuperNode" in intruder.log_path.read_text()
-        assert plaintext.exited() is None  # still knocking, never let in
-        assert "Connection attempt failed" in plaintext.log_path.read_text()
-    assert status.startswith("finished:completed"), status
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed"
-    assert sorted(summary["silos"].values()) == ["mnist", "mnistm"]  # the registered silos only
