@@ -69,7 +69,7 @@ def test_smoke_grid_runs_resumes_and_tabulates(tmp_path, digits_cache):
 
 def test_presets_cover_the_grid():
     full = load_preset("full")
-    assert len(cells(full)) == 5 * 11 * 3
+    assert len(cells(full)) == 5 * 19 * 3
     assert set(full["methods"]) == {
         "fedavg",
         "fedprox",
@@ -82,6 +82,13 @@ def test_presets_cover_the_grid():
         "fedka",
         "fedka_class",
         "fedvote_mmd_fisher",
+        "feddg_ga",
+        "fedsr",
+        *(
+            f"oneshot_{merge}{init}"
+            for merge in ("average", "fisher", "permuted")
+            for init in ("", "_indep")
+        ),
     }
     assert {"fedavg", "fedvote", "fedka", "fedka_class"} <= set(full["ablation"])
     assert len(cells(load_preset("smoke"))) == 2 * 2 * 1
