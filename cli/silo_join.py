@@ -112,6 +112,7 @@ def join_silo(args: argparse.Namespace, kind: str, domain: str) -> None:
     """Start this silo's SuperNode (TLS and its key unless --insecure), or print the command."""
     import shlex
 
+    from server.processes import scripts_first_on_path
     from server.submit import flower_bin
 
     node_config = (
@@ -154,8 +155,7 @@ def join_silo(args: argparse.Namespace, kind: str, domain: str) -> None:
         return
     print(f"joining as silo {domain}; stop with Ctrl-C (the federation goes on without it)")
     sys.stdout.flush()
-    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env = scripts_first_on_path({**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"})
     code, output = _run_supernode(argv, env, runtime, domain)
     if code != 0:
         fail(connect_failure(args.superlink, args.connect_timeout, output))

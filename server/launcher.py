@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedalign.checkpoint import CHECKPOINT, load_resume
 from fedalign.config import Silo, external_silos, silos
 from fedalign.errors import FedalignError
-from server.processes import ProcessSet, port_in_use
+from server.processes import ProcessSet, port_in_use, scripts_first_on_path
 from server.submit import flower_bin, register_keys, submit, write_connection
 
 
@@ -92,10 +92,7 @@ class LocalFederation:
         self.fed = cfg.federation
         self.simulation = self.fed.mode == "simulation"
         self.flwr_home = Path(tempfile.mkdtemp(prefix="fedalign-flwr-"))
-        env = dict(os.environ)
-        # Flower's processes spawn further Flower commands (flower-superexec, flwr-clientapp)
-        # by name: this environment's scripts must come first on PATH.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env = scripts_first_on_path(os.environ)
         env.update(
             FLWR_HOME=str(self.flwr_home),
             FLWR_DISABLE_UPDATE_CHECK="1",

@@ -7,13 +7,30 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SET_TOKEN_ENV = "FEDALIGN_PROCESS_SET"
+ENV_BIN = Path(sys.executable).parent  # this environment's console scripts
+
+
+def scripts_first_on_path(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of ``env`` with this environment's console scripts first on PATH.
+
+    Flower's processes start further Flower commands (``flower-superexec``,
+    ``flwr-clientapp``) by name, so a SuperNode or SuperLink started from a virtual
+    environment that is not activated needs them found there.
+
+    Parameters
+    ----------
+    env
+        The environment to copy.
+    """
+    return {**env, "PATH": os.pathsep.join([str(ENV_BIN), env.get("PATH", "")])}
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -13,7 +13,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from omegaconf import DictConfig
 
 from fedalign.config import to_json
 from fedalign.errors import FedalignError
+from server.processes import ENV_BIN
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedalign"
@@ -36,7 +36,7 @@ class SubmitError(FedalignError):
 
 def flower_bin(name: str) -> str:
     """A console script of this environment (next to the running Python) or on PATH."""
-    local = Path(sys.executable).parent / name
+    local = ENV_BIN / name
     if local.exists():
         return str(local)
     found = shutil.which(name)

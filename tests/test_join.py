@@ -15,7 +15,7 @@ import pytest
 from fedalign.config import compose, validate
 from server.certs import make_certificates
 from server.launcher import launch
-from server.processes import ManagedProcess, ProcessSet, free_port
+from server.processes import ManagedProcess, ProcessSet, free_port, scripts_first_on_path
 from server.submit import flower_bin
 from tests.conftest import free_ports, port_overrides
 from tests.test_sites import image_tree
@@ -56,8 +56,7 @@ def run_with_joiner(
         key, value = item.split("=")
         cfg.federation[key.split(".")[1]] = int(value)
     fleet = f"127.0.0.1:{cfg.federation.fleet_port}"
-    bin_dir = str(Path(sys.executable).parent)  # SuperNodes start flower-superexec by name
-    procs = ProcessSet(env={**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ["PATH"]])})
+    procs = ProcessSet(env=scripts_first_on_path(os.environ))
     argv = ["--superlink", fleet, "--port", str(free_port()), *join_args]
     echo = join_when_asked(procs, argv, tmp_path / "j.log", strangers(fleet))
     try:

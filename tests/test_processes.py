@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
-from server.processes import ProcessSet, descendants, pid_alive
+from server.processes import ProcessSet, descendants, pid_alive, scripts_first_on_path
 
 # The child starts a grandchild in a new session, prints its PID and exits at once: the
 # grandchild is reparented and is no longer anyone's descendant in our tree.
@@ -52,3 +53,13 @@ def test_stop_leaves_processes_of_another_set_alone(tmp_path):
     finally:
         theirs.stop(grace=5)
     assert not pid_alive(grandchild)
+
+
+def test_flower_commands_started_by_name_are_this_environments(tmp_path):
+    base = {"PATH": str(tmp_path), "KEEP": "1"}
+    env = scripts_first_on_path(base)
+    assert base["PATH"] == str(tmp_path)  # the given environment is left as it was
+    assert env["KEEP"] == "1"
+    assert env["PATH"].split(os.pathsep) == [str(Path(sys.executable).parent), str(tmp_path)]
+    found = shutil.which("flower-superexec", path=env["PATH"])
+    assert found == str(Path(sys.executable).parent / "flower-superexec")

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +23,11 @@ from typing import Any
 
 import yaml
 
-from server.processes import ManagedProcess, ProcessSet, descendants
+from server.processes import ENV_BIN, ManagedProcess, ProcessSet, descendants, scripts_first_on_path
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
-BIN = Path(sys.executable).parent
+BIN = ENV_BIN
 APP_IMAGE_WORKDIR = "/app/src"  # docker/app.Dockerfile's WORKDIR: this checkout
 SUBNET = "10.213.0"
 
@@ -153,8 +152,9 @@ class Topology:
         return argv
 
     def environment(self, service: Service) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FEDALIGN_")}
-        env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+        env = scripts_first_on_path(
+            {k: v for k, v in os.environ.items() if not k.startswith("FEDALIGN_")}
+        )
         values = {
             **(self.app_env if service.app_image else {}),
             **service.spec.get("environment", {}),
