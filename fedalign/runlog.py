@@ -310,9 +310,16 @@ def mark_summary(run_dir: Path, status: str, error: str | None) -> None:
     atomic.write_text(path, json.dumps(summary, indent=2) + "\n")
 
 
-def _flat_for_tracker(line: dict[str, Any]) -> dict[str, float]:
-    flat = {k: v for k, v in line.items() if isinstance(v, int | float) and k != "round"}
-    for domain, metrics in line["silos"].items():
-        for key, value in metrics.items():
-            flat[f"silo/{domain}/{key}"] = value
+def _flat_for_tracker(line: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The round's numbers for W&B, nested ones (each silo's metrics, FedDG-GA's weights and
+    gaps per source) under ``outer/inner`` names; ``silos`` is named ``silo``."""
+    flat: dict[str, float] = {}
+    for key, value in line.items():
+        if key == "round" and not prefix:
+            continue
+        name = prefix + ("silo" if key == "silos" and not prefix else str(key))
+        if isinstance(value, dict):
+            flat.update(_flat_for_tracker(value, name + "/"))
+        elif isinstance(value, int | float):
+            flat[name] = value
     return flat

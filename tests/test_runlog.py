@@ -59,3 +59,26 @@ def test_a_silo_that_never_reported_has_a_column_in_the_table(tmp_path):
     header = next(r for r in rows if r and r[0] == "round")
     cells = {r[0]: r[header.index("usps")] for r in rows if r and r[0] in ("0", "1", "2")}
     assert cells == {"0": "-", "1": "dropped", "2": "absent"}
+
+
+class _Tracker:
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict]] = []
+
+    def log(self, values: dict, step: int) -> None:
+        self.logged.append((step, values))
+
+
+def test_the_tracker_gets_nested_round_metrics_under_outer_inner_names(tmp_path):
+    tracker = _Tracker()
+    recorder = RunRecorder(tmp_path, {"name": "t"}, target="mnistm", tracker=tracker)
+    recorder.silo(1, "mnistm", {"test-accuracy": 0.4})
+    recorder.silo(1, "usps", {"train-loss": 1.5})
+    recorder.metrics(1, ga_weights={"usps": 0.6, "mnist": 0.4}, dropped=["syn"], mmd=0.2)
+    recorder.complete(1)
+    step, values = tracker.logged[0]
+    assert step == 1
+    assert values["ga_weights/usps"] == 0.6 and values["ga_weights/mnist"] == 0.4
+    assert values["silo/mnistm/test-accuracy"] == 0.4 and values["silo/usps/train-loss"] == 1.5
+    assert values["mmd"] == 0.2 and values["target_accuracy"] == 0.4
+    assert "round" not in values and not any(k.startswith("dropped") for k in values)
