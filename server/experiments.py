@@ -258,10 +258,12 @@ def run_grid(
             progress.console.print(f"{name}: FAILED: {result}")
         else:
             counts["done"] += 1
-            accuracy = result["summary"]["mean_last5_target_accuracy"]
+            summary = result["summary"]
+            last = min(5, summary["rounds_completed"])
+            over = f"mean of the last {last} rounds" if last > 1 else "its one round"
             progress.console.print(
-                f"{name}: target accuracy {100 * accuracy:.1f}% (mean of last 5 rounds), "
-                f"{result['seconds']:.0f} s"
+                f"{name}: target accuracy {100 * summary['mean_last5_target_accuracy']:.1f}% "
+                f"({over}), {result['seconds']:.0f} s"
             )
         progress.advance(task)
 
