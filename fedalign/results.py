@@ -262,9 +262,14 @@ def ablation_table(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
                 by_engine.setdefault(r.get("engine", "simulation"), []).append(
                     r["seconds_per_round"]
                 )
+        # the target's test-time adaptation runs in its evaluations, inside the rounds' seconds
+        adapts = any(
+            o.startswith("tta.methods=") and o != "tta.methods=[]"
+            for o in preset.get("methods", {}).get(method, [])
+        )
         cost = (
             "; ".join(
-                f"{statistics.fmean(values):.1f} ({engine})"
+                f"{statistics.fmean(values):.1f} ({engine}{', with TTA' if adapts else ''})"
                 for engine, values in sorted(by_engine.items())
             )
             or "—"

@@ -91,6 +91,10 @@ def test_presets_cover_the_grid():
         ),
     }
     assert {"fedavg", "fedvote", "fedka", "fedka_class"} <= set(full["ablation"])
+    adapted = {m for m, over in full["methods"].items() if "tta.methods=[lame,adabn]" in over}
+    assert adapted == {"fedavg", "fedka", "feddg_ga", "fedsr"} | {
+        m for m in full["methods"] if m.startswith("oneshot_")
+    }
     assert len(cells(load_preset("smoke"))) == 2 * 2 * 1
     with pytest.raises(ConfigError, match="no preset 'huge'"):
         load_preset("huge")
@@ -207,7 +211,12 @@ def test_every_committed_run_record_is_current(name):
 def test_ablation_table_averages_targets_and_reports_group_effect_and_cost():
     from fedalign.results import ablation_table
 
-    preset = {"targets": ["a", "b"], "seeds": [0, 1], "ablation": {"v": "vote", "f": "none"}}
+    preset = {
+        "targets": ["a", "b"],
+        "seeds": [0, 1],
+        "methods": {"v": ["strategy=fedvote"], "f": ["strategy=fedavg", "tta.methods=[lame]"]},
+        "ablation": {"v": "vote", "f": "none"},
+    }
 
     def row(method, target, seed, acc, effect):
         return {
@@ -234,7 +243,8 @@ def test_ablation_table_averages_targets_and_reports_group_effect_and_cost():
     assert table[2] == (
         "| v | vote | 75.0 ± 7.1 | +5.0 | 3.0 (in-process, 2 at once); 2.0 (simulation) | 1.50 |"
     )
-    assert table[3] == "| f | none | — | — | 2.0 (simulation) | 1.50 |"
+    # the target's test-time adaptation is inside the rounds' seconds
+    assert table[3] == "| f | none | — | — | 2.0 (simulation, with TTA) | 1.50 |"
 
 
 def test_goal_lines_compare_averages_over_targets_and_say_met_or_not():
