@@ -263,10 +263,8 @@ def ablation_table(rows: list[dict[str, Any]], preset: dict[str, Any]) -> str:
                     r["seconds_per_round"]
                 )
         # the target's test-time adaptation runs in its evaluations, inside the rounds' seconds
-        adapts = any(
-            o.startswith("tta.methods=") and o != "tta.methods=[]"
-            for o in preset.get("methods", {}).get(method, [])
-        )
+        adapted = {tta_label(method, tta) for tta in TTA_METHODS}
+        adapts = any(r["method"] in adapted for r in rows)
         cost = (
             "; ".join(
                 f"{statistics.fmean(values):.1f} ({engine}{', with TTA' if adapts else ''})"
