@@ -27,7 +27,6 @@ from server.processes import ENV_BIN, ManagedProcess, ProcessSet, descendants, s
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
-BIN = ENV_BIN
 APP_IMAGE_WORKDIR = "/app/src"  # docker/app.Dockerfile's WORKDIR: this checkout
 SUBNET = "10.213.0"
 
@@ -147,8 +146,8 @@ class Topology:
     def local_argv(service: Service, argv: list[str]) -> list[str]:
         """A container command line with its paths and tools mapped to this machine."""
         argv = [service.rewrite(str(arg)) for arg in argv]
-        if (BIN / argv[0]).exists():
-            argv[0] = str(BIN / argv[0])
+        if (ENV_BIN / argv[0]).exists():
+            argv[0] = str(ENV_BIN / argv[0])
         return argv
 
     def environment(self, service: Service) -> dict[str, str]:
